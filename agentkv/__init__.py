@@ -1,0 +1,33 @@
+"""agentkv: persistent KV memory for multi-agent llama.cpp inference on CPUs.
+
+>>> from agentkv import AgentMemory                                          # doctest: +SKIP
+>>> mem = AgentMemory(llm, cache_dir="~/.cache/agentkv", ram_budget="1GiB")  # doctest: +SKIP
+>>> mem.create_chat_completion("coder", messages=[...], temperature=0)       # doctest: +SKIP
+"""
+
+from .config import MemoryConfig, parse_size
+from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
+                     MemoryClosed, NotALlama, RestoreFailed, TurnInProgress, UnknownAgent)
+from .memory import AgentInfo, AgentMemory, MemoryStats, TurnRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentMemory",
+    "AgentInfo",
+    "MemoryStats",
+    "TurnRecord",
+    "MemoryConfig",
+    "parse_size",
+    "AgentKVError",
+    "ConfigError",
+    "CorruptEntry",
+    "FingerprintMismatch",
+    "InvalidAgentId",
+    "MemoryClosed",
+    "NotALlama",
+    "RestoreFailed",
+    "TurnInProgress",
+    "UnknownAgent",
+    "__version__",
+]

@@ -1,0 +1,226 @@
+"""The one place that touches llama-cpp-python internals.
+
+:class:`Engine` snapshots and restores sequence 0 of a ``Llama`` context, keeps ``Llama``'s own
+bookkeeping (``input_ids``, ``n_tokens``, ``_requires_eval``) in step with the KV so that
+``Llama.generate`` prefix-matches a restored history and evaluates only the new suffix, and
+guards ``generate`` against the one thing a restore cannot give back: SWA layers' KV older than
+the stored window (see :meth:`Engine._guarded_generate`).
+
+Written and tested against llama-cpp-python 0.3.36 (llama.cpp of 2026-10); ``FORMAT_ID`` names
+that pairing and goes into every fingerprint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import xxhash
+
+try:
+    import llama_cpp
+    from llama_cpp import Llama
+except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard dependency
+    raise ImportError("agentkv needs llama-cpp-python (pip install llama-cpp-python)") from exc
+
+from . import state as seqstate
+from .errors import CorruptEntry, NotALlama, RestoreFailed
+from .snapshot import Snapshot, check_state
+
+__all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "hash_file"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_LLAMA_CPP = ("0.3.36",)
+FORMAT_ID = "llama.cpp-seq-state/ggsq3/kv-cache-2026-10"
+_SEQ = 0  # Llama drives one sequence
+_HASH_CHUNK = 8 << 20
+
+
+def hash_file(path: str) -> str:
+    """xxh3-128 hex digest of a file's content, read in 8 MiB chunks."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ptr(buf: Any) -> Any:
+    """A ``uint8*`` to the first byte of any contiguous buffer, without a copy."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    return arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr
+
+
+class Engine:
+    """Snapshot and restore of one ``Llama``'s sequence, plus its bookkeeping."""
+
+    def __init__(self, llm: Llama) -> None:
+        if not isinstance(llm, Llama):
+            raise NotALlama(f"AgentMemory wraps a llama_cpp.Llama, not {type(llm).__name__}")
+        if getattr(llm, "_ctx", None) is None or llm.ctx is None:
+            raise NotALlama("this Llama has no context (was it closed?)")
+        if llama_cpp.__version__ not in SUPPORTED_LLAMA_CPP:
+            log.warning("llama-cpp-python %s is not a version agentkv was tested with (%s)",
+                        llama_cpp.__version__, ", ".join(SUPPORTED_LLAMA_CPP))
+        self.llm = llm
+        self.n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
+        self.swa_full = bool(llm.context_params.swa_full)
+        self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
+        self._installed = False
+        self.on_prompt: Optional[Callable[[int, int], None]] = None  # (evaluated, reused)
+
+    # -- identity -------------------------------------------------------------------------
+
+    def fingerprint(self, model_hash: str) -> bytes:
+        """16 bytes naming everything a stored state must match to be restored here."""
+        cp = self.llm.context_params
+        fields = {
+            "format": FORMAT_ID,
+            "llama_cpp": llama_cpp.__version__,
+            "model": model_hash,
+            "type_k": int(cp.type_k),
+            "type_v": int(cp.type_v),
+            "flash_attn": int(cp.flash_attn_type),
+            "swa_full": bool(cp.swa_full),
+            "n_seq_max": int(cp.n_seq_max),
+            "kv_unified": bool(cp.kv_unified),
+            "n_layer": int(llama_cpp.llama_model_n_layer(self.llm.model)),
+            "n_embd": int(llama_cpp.llama_model_n_embd(self.llm.model)),
+            "n_swa": self.n_swa,
+        }
+        return xxhash.xxh3_128(json.dumps(fields, sort_keys=True).encode()).digest()
+
+    @property
+    def model_path(self) -> str:
+        return os.fspath(self.llm.model_path)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.llm.n_tokens)
+
+    def tokens(self) -> np.ndarray:
+        return self.llm.input_ids[: self.llm.n_tokens].astype(np.int32, copy=True)
+
+    def state_size(self) -> int:
+        return int(llama_cpp.llama_state_seq_get_size(self.llm.ctx, _SEQ))
+
+    def last_logits(self) -> np.ndarray:
+        """A copy of the logits of the last evaluated token."""
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+
+    def clear(self) -> None:
+        """Empty the context: no tokens, no KV."""
+        self.llm.reset()
+        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        self._floor = 0
+
+    # -- snapshot / restore ---------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The live tokens and the sequence state of their KV."""
+        llm = self.llm
+        n = int(llm.n_tokens)
+        # Cells past n_tokens are stale (Llama removes them lazily at its next eval).
+        llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        tokens = llm.input_ids[:n].astype(np.int32, copy=True)
+        size = self.state_size()
+        buf = np.empty(size, dtype=np.uint8)
+        written = llama_cpp.llama_state_seq_get_data(
+            llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, _SEQ)
+        if written != size:
+            raise RestoreFailed(f"llama_state_seq_get_data wrote {written} of {size} bytes")
+        return Snapshot(tokens=tokens, state=buf)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Make ``snap`` the live sequence; raise CorruptEntry/RestoreFailed (context cleared)."""
+        n = snap.n_tokens
+        if n > self.llm.n_ctx():
+            raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
+        parsed = check_state(snap.state, n)
+        blob, floor = self._layout_like_never_evicted(snap.state, parsed, n)
+        self.clear()
+        if n == 0:
+            return
+        ptr, _keep = _ptr(blob)
+        read = llama_cpp.llama_state_seq_set_data(self.llm.ctx, ptr, len(_keep), _SEQ)
+        if read == 0:
+            self.clear()
+            raise RestoreFailed("llama.cpp refused the sequence state (shape or type mismatch)")
+        self.llm.input_ids[:n] = snap.tokens
+        self.llm.n_tokens = n
+        self.llm._requires_eval = True  # no logits yet: generate replays one token if it must
+        self._floor = floor
+
+    def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):
+        """The blob to load and the SWA floor it leaves (see state.py on padding)."""
+        if n == 0 or self.n_swa <= 0 or len(parsed.caches) < 2:
+            return blob, 0
+        swa = parsed.caches[-1].only_stream()
+        if swa is None or swa.pos_min <= 0:
+            return blob, 0
+        if self.swa_full and swa.simple_cells and swa.is_contiguous:
+            return seqstate.pad_front(blob, parsed, len(parsed.caches) - 1, swa.pos_min), swa.pos_min
+        return blob, swa.pos_min
+
+    # -- the generate guard ---------------------------------------------------------------
+
+    def install(self) -> None:
+        """Route the Llama's ``generate`` through the guard (an instance attribute)."""
+        if not self._installed:
+            self.llm.generate = self._guarded_generate  # type: ignore[method-assign]
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            self.llm.__dict__.pop("generate", None)
+            self._installed = False
+
+    def _rollback_is_exact(self, reuse: int) -> bool:
+        """Can the token at position ``reuse`` be evaluated on the KV now in the context?
+
+        It attends, in SWA layers, to positions ``reuse - n_swa + 1 .. reuse - 1``; those must
+        hold real KV, not cells the writer dropped (padding) or llama.cpp pruned.
+        """
+        if self.n_swa <= 0 or reuse == 0:
+            return True
+        mem = llama_cpp.llama_get_memory(self.llm.ctx)
+        present_from = max(self._floor, int(llama_cpp.llama_memory_seq_pos_min(mem, _SEQ)))
+        return max(0, reuse - self.n_swa + 1) >= present_from
+
+    def _guarded_generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+        """``Llama.generate``, after checking that its prefix reuse will be exact.
+
+        Mirrors the prefix match of ``Llama.generate`` (llama-cpp-python 0.3.36): when the reuse
+        point lies further back than the stored SWA window reaches, the context is cleared so
+        that generate prefills the whole prompt instead of attending to missing KV.
+        """
+        llm = self.llm
+        tokens = list(tokens)
+        reset = kwargs.get("reset", args[6] if len(args) > 6 else True)
+        n = int(llm.n_tokens)
+        reuse = 0
+        if reset and n > 0:
+            m = min(n, len(tokens))
+            same = llm.input_ids[:m] == np.asarray(tokens[:m], dtype=np.intc)
+            common = int(m if same.all() else np.argmin(same))
+            consumed = common == len(tokens)
+            if n == len(tokens) and consumed and not llm._requires_eval:
+                reuse = n
+            else:
+                reuse = common - 1 if consumed else common
+                if reuse < n and not self._rollback_is_exact(reuse):
+                    log.info("prompt diverges at token %d, before the restored SWA window "
+                             "(from %d): prefilling the whole prompt", reuse, self._floor)
+                    self.clear()
+                    reuse = 0
+        if self.on_prompt is not None:
+            self.on_prompt(len(tokens) - reuse, reuse)
+        return Llama.generate(llm, tokens, *args, **kwargs)

@@ -1,0 +1,451 @@
+"""AgentMemory: persistent per-agent KV over one wrapped ``Llama``.
+
+A turn for agent A, from the caller's side (``mem.create_chat_completion("A", ...)``):
+
+1. take the context (one turn at a time, whatever the thread);
+2. if A is live, nothing moves; otherwise snapshot the live agent into the RAM tier (its disk
+   write is queued behind) and restore A from RAM, else from disk, else start A cold;
+3. run the call through the ordinary ``Llama`` API; ``Llama.generate`` prefix-matches A's
+   restored tokens and evaluates only the new suffix;
+4. release the context. A stays live until another agent needs the context.
+
+Snapshots leaving RAM wait for their disk write, so the RAM budget bounds memory and every
+evicted agent is recoverable, also after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+from .config import MemoryConfig, SizeLike
+from .engine import Engine, hash_file
+from .errors import (CorruptEntry, FingerprintMismatch, InvalidAgentId, MemoryClosed, RestoreFailed,
+                     TurnInProgress, UnknownAgent)
+from .residency import RamTier
+from .snapshot import Snapshot
+from .store import DiskStore
+from .writer import WriteBehind
+
+__all__ = ["AgentMemory", "AgentInfo", "MemoryStats", "TurnRecord"]
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("live", "ram", "disk", "prefix", "cold")
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent the memory holds.
+
+    Attributes:
+        agent_id: the id given by the caller.
+        n_tokens: tokens of context its KV covers.
+        tier: where its newest KV is: "live" (the context), "ram" or "disk".
+        nbytes: bytes its KV takes in that tier.
+        last_used: wall-clock time of its last turn (or of its last save, from disk).
+    """
+
+    agent_id: str
+    n_tokens: int
+    tier: str
+    nbytes: int
+    last_used: float
+
+
+@dataclass
+class MemoryStats:
+    """Counters since the AgentMemory was opened.
+
+    Attributes:
+        turns: turns run (calls and ``agent()`` blocks).
+        hits: turns counted by where the agent's KV came from:
+            "live", "ram", "disk", "prefix", "cold".
+        prompt_tokens_evaluated: prompt tokens the model evaluated.
+        prompt_tokens_restored: prompt tokens served from restored KV instead.
+        bytes_read: payload bytes read from disk.
+        bytes_written: payload bytes written to disk.
+        restore_seconds: time spent restoring (disk reads, checks, set_data).
+        save_seconds: time spent saving (snapshots and disk writes, background included).
+        rejected: stored entries refused (corrupt, truncated, foreign fingerprint).
+        ram_bytes: bytes of snapshots in the RAM tier now.
+        disk_bytes: bytes of payloads on disk now.
+        agents: agents the memory holds now.
+    """
+
+    turns: int = 0
+    hits: Dict[str, int] = field(default_factory=lambda: {s: 0 for s in SOURCES})
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_restored: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    restore_seconds: float = 0.0
+    save_seconds: float = 0.0
+    rejected: int = 0
+    ram_bytes: int = 0
+    disk_bytes: int = 0
+    agents: int = 0
+
+
+@dataclass
+class TurnRecord:
+    """What the last turn did, for benchmarks and demos.
+
+    Attributes:
+        agent_id: the agent.
+        source: where its KV came from (see MemoryStats.hits).
+        restore_seconds: time to bring its KV into the context.
+        save_seconds: time the turn waited on saving the agent it displaced.
+        prompt_tokens_evaluated: prompt tokens evaluated in this turn.
+        prompt_tokens_restored: prompt tokens this turn did not evaluate thanks to a restore.
+    """
+
+    agent_id: str
+    source: str
+    restore_seconds: float = 0.0
+    save_seconds: float = 0.0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_restored: int = 0
+    _generates: int = 0
+
+
+def _check_agent_id(agent_id: Any) -> str:
+    if not isinstance(agent_id, str):
+        raise InvalidAgentId(f"agent id must be a str, not {type(agent_id).__name__}")
+    if not agent_id:
+        raise InvalidAgentId("agent id must not be empty")
+    return agent_id
+
+
+class AgentMemory:
+    """Keeps every agent's KV for one ``Llama``: live, in RAM, on disk.
+
+    >>> mem = AgentMemory(llm, cache_dir="~/.cache/agentkv", ram_budget="1GiB")  # doctest: +SKIP
+    >>> mem.create_chat_completion("coder", messages=[...], temperature=0)      # doctest: +SKIP
+
+    Args:
+        llm: the ``llama_cpp.Llama`` to wrap; keep calling its API inside ``agent()`` blocks.
+        cache_dir: folder of the disk tier; reopen it to find the agents again.
+        ram_budget: bytes (or "512MiB") of evicted agents' snapshots kept in RAM.
+        disk_budget: bytes (or "20GiB") of snapshots kept on disk.
+    """
+
+    def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
+                 ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB") -> None:
+        self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
+        self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget)
+        self._store = DiskStore(self._config.cache_dir, self._config.disk_budget)
+        self._fingerprint = self._engine.fingerprint(
+            self._store.model_hash(self._engine.model_path, hash_file))
+        self._ram = RamTier(self._config.ram_budget)
+        self._stats = MemoryStats()
+        self._lock = threading.Lock()  # the context: one turn at a time
+        self._owner: Optional[int] = None
+        self._state_lock = threading.Lock()  # _wanted and counters shared with the writer
+        self._wanted: Dict[str, int] = {}  # agent -> generation that should reach disk
+        self._generation = 0
+        self._last_used: Dict[str, float] = {}
+        self._live: Optional[str] = None
+        self._live_saved: Optional[Snapshot] = None  # snapshot of the live state, if current
+        self._turn_record: Optional[TurnRecord] = None
+        self.last_turn: Optional[TurnRecord] = None
+        self._closed = False
+        self._engine.clear()  # whatever the Llama held belongs to no agent
+        self._engine.on_prompt = self._count_prompt
+        self._engine.install()
+        self._writer = WriteBehind(self._persist)
+        log.debug("agentkv memory at %s (fingerprint %s)", self._config.cache_dir,
+                  self._fingerprint.hex())
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def llm(self) -> Any:
+        return self._engine.llm
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex of the fingerprint stored KV must match to be restored here."""
+        return self._fingerprint.hex()
+
+    @contextmanager
+    def agent(self, agent_id: str) -> Iterator[Any]:
+        """Give the context to ``agent_id`` for a block; yields the wrapped ``Llama``.
+
+        >>> with mem.agent("planner") as live:                      # doctest: +SKIP
+        ...     live.create_chat_completion(messages=[...])
+        """
+        with self._turn(agent_id) as llm:
+            yield llm
+
+    def create_completion(self, agent_id: str, prompt: Any, **kwargs: Any) -> Any:
+        """``Llama.create_completion`` as ``agent_id``; same return shape, ``stream=True`` too."""
+        return self._call(agent_id, lambda llm: llm.create_completion(prompt, **kwargs),
+                          bool(kwargs.get("stream")))
+
+    def create_chat_completion(self, agent_id: str, messages: Any = None, **kwargs: Any) -> Any:
+        """``Llama.create_chat_completion`` as ``agent_id``; same return shape, ``stream=True`` too."""
+        if messages is not None:
+            kwargs["messages"] = messages
+        return self._call(agent_id, lambda llm: llm.create_chat_completion(**kwargs),
+                          bool(kwargs.get("stream")))
+
+    def stats(self) -> MemoryStats:
+        """A copy of the counters, with the current tier sizes."""
+        with self._state_lock:
+            s = replace(self._stats, hits=dict(self._stats.hits))
+        s.ram_bytes = self._ram.nbytes
+        s.disk_bytes = self._store.nbytes
+        s.agents = len(self.agents())
+        return s
+
+    def agents(self) -> List[AgentInfo]:
+        """Every agent held, live, in RAM or on disk (this fingerprint), sorted by id."""
+        infos: Dict[str, AgentInfo] = {}
+        for m in self._store.manifests():
+            if m.fingerprint == self._fingerprint.hex():
+                infos[m.agent_id] = AgentInfo(m.agent_id, m.n_tokens, "disk", m.nbytes, m.last_used)
+        for aid, snap in self._ram.items():
+            infos[aid] = AgentInfo(aid, snap.n_tokens, "ram", snap.nbytes,
+                                   self._last_used.get(aid, 0.0))
+        live = self._live
+        if live is not None:
+            infos[live] = AgentInfo(live, self._engine.n_tokens, "live", self._engine.state_size(),
+                                    self._last_used.get(live, 0.0))
+        return [infos[k] for k in sorted(infos)]
+
+    def evict(self, agent_id: str) -> None:
+        """Move the agent's KV out of the context and RAM to disk (waits for the write)."""
+        _check_agent_id(agent_id)
+        with self._exclusive():
+            known = False
+            if self._live == agent_id:
+                self._evict_live()
+                known = True
+            if self._ram.pop(agent_id) is not None:
+                known = True
+            self._writer.wait(agent_id)
+            if not known and self._store.manifest(agent_id) is None:
+                raise UnknownAgent(f"no agent {agent_id!r} in this memory")
+
+    def forget(self, agent_id: str) -> None:
+        """Delete the agent's KV from every tier; its payload goes unless another agent uses it."""
+        _check_agent_id(agent_id)
+        with self._exclusive():
+            known = False
+            if self._live == agent_id:
+                self._engine.clear()
+                self._live, self._live_saved = None, None
+                known = True
+            if self._ram.pop(agent_id) is not None:
+                known = True
+            with self._state_lock:
+                self._wanted.pop(agent_id, None)
+            self._writer.wait(agent_id)
+            known = self._store.drop(agent_id) or known
+            self._last_used.pop(agent_id, None)
+            if not known:
+                raise UnknownAgent(f"no agent {agent_id!r} in this memory")
+
+    def flush(self) -> None:
+        """Write the live agent and every RAM snapshot to disk; return when they are there."""
+        with self._exclusive():
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Flush, stop the writer and hand the ``Llama`` back untouched. Idempotent."""
+        if self._closed:
+            return
+        with self._exclusive(check_open=False):
+            if self._closed:
+                return
+            try:
+                self._flush_locked()
+            finally:
+                self._writer.close()
+                self._engine.uninstall()
+                self._store.close()
+                self._closed = True
+
+    def __enter__(self) -> "AgentMemory":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"live={self._live!r}"
+        return f"AgentMemory({self._config.cache_dir}, {state})"
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MemoryClosed("this AgentMemory is closed")
+
+    @contextmanager
+    def _exclusive(self, check_open: bool = True) -> Iterator[None]:
+        if self._owner == threading.get_ident():
+            raise TurnInProgress("this thread is inside a turn (an agent() block or an open "
+                                 "stream); finish it before starting another")
+        if check_open:
+            self._check_open()
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        try:
+            if check_open:
+                self._check_open()
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    @contextmanager
+    def _turn(self, agent_id: str) -> Iterator[Any]:
+        _check_agent_id(agent_id)
+        with self._exclusive():
+            record = self._activate(agent_id)
+            self._live_saved = None  # the turn may change the live state
+            self._turn_record = record
+            with self._state_lock:
+                self._stats.turns += 1
+                self._stats.hits[record.source] += 1
+            try:
+                yield self._engine.llm
+            finally:
+                self._turn_record = None
+                self._last_used[agent_id] = time.time()
+                self.last_turn = record
+
+    def _call(self, agent_id: str, call: Callable[[Any], Any], stream: bool) -> Any:
+        if not stream:
+            with self._turn(agent_id) as llm:
+                return call(llm)
+        _check_agent_id(agent_id)
+        self._check_open()
+        return self._stream(agent_id, call)
+
+    def _stream(self, agent_id: str, call: Callable[[Any], Any]) -> Iterator[Any]:
+        # The turn holds the context until the stream is exhausted or closed.
+        with self._turn(agent_id) as llm:
+            chunks = call(llm)
+            try:
+                yield from chunks
+            finally:
+                chunks.close()
+
+    def _count_prompt(self, evaluated: int, reused: int) -> None:
+        record = self._turn_record
+        if record is None:
+            return
+        record.prompt_tokens_evaluated += evaluated
+        restored = reused if record._generates == 0 and record.source not in ("live", "cold") else 0
+        record.prompt_tokens_restored += restored
+        record._generates += 1
+        with self._state_lock:
+            self._stats.prompt_tokens_evaluated += evaluated
+            self._stats.prompt_tokens_restored += restored
+
+    # -- moving KV between tiers ----------------------------------------------------------
+
+    def _activate(self, agent_id: str) -> TurnRecord:
+        if self._live == agent_id:
+            return TurnRecord(agent_id, "live")
+        t0 = time.perf_counter()
+        self._evict_live()
+        t1 = time.perf_counter()
+        source = self._restore(agent_id)
+        t2 = time.perf_counter()
+        self._live = agent_id
+        with self._state_lock:
+            self._stats.restore_seconds += t2 - t1
+        return TurnRecord(agent_id, source, restore_seconds=t2 - t1, save_seconds=t1 - t0)
+
+    def _next_generation(self, agent_id: str) -> int:
+        with self._state_lock:
+            self._generation += 1
+            self._wanted[agent_id] = self._generation
+            return self._generation
+
+    def _evict_live(self) -> None:
+        """Snapshot the live agent into RAM; what RAM pushes out is made durable first."""
+        agent_id = self._live
+        if agent_id is None:
+            return
+        t0 = time.perf_counter()
+        snap = self._live_saved
+        if snap is None:
+            snap = self._engine.snapshot()
+            self._writer.submit(agent_id, snap, self._next_generation(agent_id))
+        self._live, self._live_saved = None, None
+        with self._state_lock:
+            self._stats.save_seconds += time.perf_counter() - t0
+        for victim, _ in self._ram.put(agent_id, snap):
+            self._writer.wait(victim)
+
+    def _restore(self, agent_id: str) -> str:
+        snap, source = self._ram.pop(agent_id), "ram"
+        if snap is None:
+            snap, source = self._read_disk(agent_id), "disk"
+        if snap is None:
+            self._engine.clear()
+            return "cold"
+        try:
+            self._engine.restore(snap)
+        except (CorruptEntry, RestoreFailed) as exc:
+            log.warning("agent %r: restoring its KV from %s failed (%s); prefilling", agent_id,
+                        source, exc)
+            self._reject(agent_id, drop=source == "disk")
+            self._engine.clear()
+            return "cold"
+        return source
+
+    def _read_disk(self, agent_id: str) -> Optional[Snapshot]:
+        # A snapshot of this agent may still be on its way to disk.
+        self._writer.wait(agent_id)
+        try:
+            snap, nread = self._store.get(agent_id, self._fingerprint)
+        except FingerprintMismatch as exc:
+            log.warning("agent %r: stored KV not restored: %s", agent_id, exc)
+            self._reject(agent_id, drop=False)
+            return None
+        except (CorruptEntry, OSError) as exc:
+            log.warning("agent %r: stored KV is damaged and was dropped: %s", agent_id, exc)
+            self._reject(agent_id, drop=True)
+            return None
+        with self._state_lock:
+            self._stats.bytes_read += nread
+        return snap
+
+    def _reject(self, agent_id: str, drop: bool) -> None:
+        with self._state_lock:
+            self._stats.rejected += 1
+        if drop:
+            self._store.drop(agent_id)
+
+    def _flush_locked(self) -> None:
+        if self._live is not None and self._live_saved is None:
+            t0 = time.perf_counter()
+            snap = self._engine.snapshot()
+            self._writer.submit(self._live, snap, self._next_generation(self._live))
+            self._live_saved = snap
+            with self._state_lock:
+                self._stats.save_seconds += time.perf_counter() - t0
+        self._writer.drain()
+
+    def _persist(self, agent_id: str, snap: Snapshot, generation: int) -> None:
+        """Writer thread: put the snapshot on disk unless a newer one or a forget superseded it."""
+        with self._state_lock:
+            if self._wanted.get(agent_id) != generation:
+                return
+        t0 = time.perf_counter()
+        _, written = self._store.put(agent_id, snap, self._fingerprint)
+        with self._state_lock:
+            self._stats.bytes_written += written
+            self._stats.save_seconds += time.perf_counter() - t0

@@ -1,0 +1,273 @@
+"""llama.cpp's sequence-state format: parse it, check it, rebuild it with padding.
+
+A blob from ``llama_state_seq_get_data(ctx, dst, size, seq_id)`` (llama.cpp of 2026-10, see
+``src/llama-kv-cache.cpp`` ``state_write*``) is::
+
+    u32 magic 0xaf143cd8 | i32 seq_id | cache section ...      (iSWA models: base, then SWA)
+
+    cache section:  u32 n_stream, then per stream:
+        u32 cell_count                                    (0: the stream is skipped)
+        cell_count x (i32 pos | u32 n_seq_id | [cell ext] | n_seq_id x i32 seq_id)
+        u32 v_trans | u32 n_layer
+        n_layer x (i32 k_type | u64 k_row_size | cell_count * k_row_size bytes)
+        v_trans == 0:  n_layer x (i32 v_type | u64 v_row_size | cell_count * v_row_size bytes)
+        v_trans == 1:  n_layer x (i32 v_type | u32 v_el_size | u32 n_embd_v_gqa |
+                                  n_embd_v_gqa x cell_count * v_el_size bytes)
+
+Everything here is a pure function over bytes. The parser bounds-checks every length before it
+uses it and raises :class:`CorruptEntry` on anything malformed: it never reads past the buffer.
+
+Why padding exists: the writer drops the cells an SWA layer can no longer see, so a restored
+SWA cache holds its last window at cell indices 0..W-1, while a context that was never evicted
+holds the same window at indices equal to the positions. ggml's attention kernels partition the
+KV by cell index (split-KV decode, tiles), so the two layouts round differently and the logits
+drift. :func:`pad_front` puts zero-filled, SWA-masked cells in front of the window so that the
+restored cache has the never-evicted layout again, and the arithmetic is bit for bit the same.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .errors import CorruptEntry
+
+__all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "pad_front"]
+
+SEQ_MAGIC = 0xAF143CD8
+_MAX_STREAMS = 256  # LLAMA_MAX_SEQ
+_MAX_LAYERS = 4096
+_MAX_CELLS = 1 << 26
+_MAX_GGML_TYPE = 64
+_CELL_DTYPE = np.dtype([("pos", "<i4"), ("n_seq_id", "<u4"), ("seq_id", "<i4")])
+
+
+@dataclass(frozen=True)
+class Span:
+    """One layer's K or V tensor bytes inside the blob: ``blob[start:end]``."""
+
+    type: int
+    start: int
+    end: int
+    row_size: int = 0  # K, and V when not transposed
+    el_size: int = 0  # V transposed
+    n_embd: int = 0  # V transposed
+
+
+@dataclass(frozen=True)
+class StreamSection:
+    """One stream of one cache: its cells and its per-layer tensors."""
+
+    cell_count: int
+    pos: np.ndarray  # int32 positions in cell order
+    v_trans: bool
+    k: Tuple[Span, ...]
+    v: Tuple[Span, ...]
+    simple_cells: bool  # every cell is (pos, n_seq_id=1, seq_id) with no extension
+
+    @property
+    def pos_min(self) -> int:
+        return int(self.pos.min()) if self.cell_count else -1
+
+    @property
+    def pos_max(self) -> int:
+        return int(self.pos.max()) if self.cell_count else -1
+
+    @property
+    def is_contiguous(self) -> bool:
+        """Cells hold positions pos_min, pos_min+1, ... in cell order."""
+        if not self.cell_count:
+            return True
+        return bool(np.array_equal(self.pos, np.arange(self.pos[0], self.pos[0] + self.cell_count)))
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    """One KV cache (the base or the SWA cache of an iSWA model)."""
+
+    start: int
+    end: int
+    streams: Tuple[Optional[StreamSection], ...]  # None where the stream holds no cells
+
+    @property
+    def cell_count(self) -> int:
+        return sum(s.cell_count for s in self.streams if s is not None)
+
+    def only_stream(self) -> Optional[StreamSection]:
+        live = [s for s in self.streams if s is not None]
+        return live[0] if len(live) == 1 else None
+
+
+@dataclass(frozen=True)
+class SeqState:
+    """The parsed layout of one sequence-state blob."""
+
+    seq_id: int
+    caches: Tuple[CacheSection, ...]
+    nbytes: int
+
+
+class _Reader:
+    __slots__ = ("buf", "off", "end")
+
+    def __init__(self, buf: memoryview, off: int = 0) -> None:
+        self.buf = buf
+        self.off = off
+        self.end = len(buf)
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.off + n > self.end:
+            raise CorruptEntry(f"sequence state truncated: {what} needs {n} bytes at offset {self.off}, "
+                               f"{self.end - self.off} left")
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        values = struct.unpack_from(fmt, self.buf, self.off)
+        self.off += size
+        return values
+
+    def skip(self, n: int, what: str) -> Tuple[int, int]:
+        self.need(n, what)
+        start = self.off
+        self.off += n
+        return start, self.off
+
+
+def _parse_cells(r: _Reader, cell_count: int, ext_size: int) -> Tuple[np.ndarray, bool]:
+    # Fast path: a single-sequence blob without cell extensions has 12-byte cells.
+    if ext_size == 0 and r.off + 12 * cell_count <= r.end:
+        cells = np.frombuffer(r.buf, dtype=_CELL_DTYPE, count=cell_count, offset=r.off)
+        if bool(np.all(cells["n_seq_id"] == 1)):
+            r.off += 12 * cell_count
+            return cells["pos"].copy(), True
+    pos = np.empty(cell_count, dtype=np.int32)
+    for i in range(cell_count):
+        p, n_seq = r.unpack("<iI", "cell")
+        if n_seq > _MAX_STREAMS:
+            raise CorruptEntry(f"cell {i} claims {n_seq} sequence ids")
+        r.skip(ext_size + 4 * n_seq, "cell sequence ids")
+        pos[i] = p
+    return pos, False
+
+
+def _parse_stream(r: _Reader, cell_count: int, ext_size: int) -> StreamSection:
+    if cell_count > _MAX_CELLS:
+        raise CorruptEntry(f"stream claims {cell_count} cells")
+    pos, simple = _parse_cells(r, cell_count, ext_size)
+    v_trans, n_layer = r.unpack("<II", "v_trans/n_layer")
+    if v_trans not in (0, 1) or not 0 < n_layer <= _MAX_LAYERS:
+        raise CorruptEntry(f"bad layer header: v_trans={v_trans} n_layer={n_layer}")
+    k: List[Span] = []
+    for il in range(n_layer):
+        t, row = r.unpack("<iQ", "K header")
+        if not 0 <= t < _MAX_GGML_TYPE or row == 0 or row > 1 << 24:
+            raise CorruptEntry(f"layer {il}: bad K type {t} or row size {row}")
+        start, end = r.skip(cell_count * row, f"layer {il} K")
+        k.append(Span(type=t, start=start, end=end, row_size=row))
+    v: List[Span] = []
+    for il in range(n_layer):
+        if v_trans:
+            t, el, n_embd = r.unpack("<iII", "V header")
+            if not 0 <= t < _MAX_GGML_TYPE or el == 0 or el > 64 or not 0 < n_embd <= 1 << 20:
+                raise CorruptEntry(f"layer {il}: bad transposed V header ({t}, {el}, {n_embd})")
+            start, end = r.skip(n_embd * cell_count * el, f"layer {il} V")
+            v.append(Span(type=t, start=start, end=end, el_size=el, n_embd=n_embd))
+        else:
+            t, row = r.unpack("<iQ", "V header")
+            if not 0 <= t < _MAX_GGML_TYPE or row == 0 or row > 1 << 24:
+                raise CorruptEntry(f"layer {il}: bad V type {t} or row size {row}")
+            start, end = r.skip(cell_count * row, f"layer {il} V")
+            v.append(Span(type=t, start=start, end=end, row_size=row))
+    return StreamSection(cell_count, pos, bool(v_trans), tuple(k), tuple(v), simple)
+
+
+def parse(blob: bytes, ext_size: int = 0) -> SeqState:
+    """Parse a sequence-state blob; raise :class:`CorruptEntry` if it is malformed.
+
+    ``ext_size`` is the per-cell extension llama.cpp writes for M-RoPE models (0 otherwise).
+    """
+    buf = memoryview(blob).cast("B")
+    r = _Reader(buf)
+    magic, seq_id = r.unpack("<Ii", "header")
+    if magic != SEQ_MAGIC:
+        raise CorruptEntry(f"not a llama.cpp sequence state (magic {magic:#010x})")
+    caches: List[CacheSection] = []
+    while r.off < r.end:
+        start = r.off
+        (n_stream,) = r.unpack("<I", "n_stream")
+        if not 0 < n_stream <= _MAX_STREAMS:
+            raise CorruptEntry(f"bad stream count {n_stream}")
+        streams: List[Optional[StreamSection]] = []
+        for _ in range(n_stream):
+            (cell_count,) = r.unpack("<I", "cell_count")
+            streams.append(_parse_stream(r, cell_count, ext_size) if cell_count else None)
+        caches.append(CacheSection(start, r.off, tuple(streams)))
+        if len(caches) > 8:
+            raise CorruptEntry("more cache sections than any llama.cpp memory writes")
+    if not caches:
+        raise CorruptEntry("sequence state holds no cache section")
+    return SeqState(seq_id, tuple(caches), len(buf))
+
+
+def pad_front(blob: bytes, state: SeqState, cache_index: int, n_pad: int) -> bytearray:
+    """A copy of ``blob`` whose cache ``cache_index`` gains ``n_pad`` zero cells in front.
+
+    The new cells hold positions ``0 .. n_pad-1`` of the same sequence, so that a restore places
+    the stored cells at the cell indices equal to their positions (see the module docstring).
+    The cache must have one stream of simple, contiguous cells starting at ``n_pad``.
+    """
+    cache = state.caches[cache_index]
+    stream = cache.only_stream()
+    if stream is None or not stream.simple_cells or not stream.is_contiguous or stream.pos_min != n_pad:
+        raise ValueError("pad_front needs one contiguous simple stream starting at n_pad")
+    src = memoryview(blob).cast("B")
+    n_old, n_new = stream.cell_count, stream.cell_count + n_pad
+    meta_old = 12 * n_old
+    extra = 12 * n_pad + sum((s.end - s.start) // n_old * n_pad for s in stream.k + stream.v)
+    out = bytearray(len(src) + extra)  # zero-filled: the padding needs no writes
+    dst = memoryview(out)
+
+    # Everything before this cache's first stream header is copied as is.
+    i = o = 0
+    cc_off = cache.start + 4 + 4 * next(k for k, s in enumerate(cache.streams) if s is not None)
+    dst[o:cc_off] = src[i:cc_off]
+    struct.pack_into("<I", out, cc_off, n_new)
+    i = o = cc_off + 4
+
+    seq_id = int(np.frombuffer(src, dtype=_CELL_DTYPE, count=1, offset=i)["seq_id"][0])
+    pad_cells = np.zeros(n_pad, dtype=_CELL_DTYPE)
+    pad_cells["pos"] = np.arange(n_pad, dtype=np.int32)
+    pad_cells["n_seq_id"] = 1
+    pad_cells["seq_id"] = seq_id
+    dst[o:o + 12 * n_pad] = pad_cells.tobytes()
+    o += 12 * n_pad
+    dst[o:o + meta_old + 8] = src[i:i + meta_old + 8]  # cells, v_trans, n_layer
+    i += meta_old + 8
+    o += meta_old + 8
+
+    for span in stream.k + stream.v:
+        header = 12  # (i32 type, u64 row size) or (i32 type, u32 el size, u32 n_embd)
+        dst[o:o + header] = src[i:i + header]
+        i += header
+        o += header
+        if span.el_size == 0:
+            pad = n_pad * span.row_size
+            o += pad
+            size = span.end - span.start
+            dst[o:o + size] = src[i:i + size]
+        else:
+            row_old, row_new = n_old * span.el_size, n_new * span.el_size
+            pad = n_pad * span.el_size
+            rows_src = np.frombuffer(src, np.uint8, span.n_embd * row_old, i).reshape(span.n_embd, row_old)
+            rows_dst = np.frombuffer(dst, np.uint8, span.n_embd * row_new, o).reshape(span.n_embd, row_new)
+            rows_dst[:, pad:] = rows_src
+            size = span.end - span.start
+            o += span.n_embd * row_new - size  # the padding, spread over the rows
+        i += size
+        o += size
+    dst[o:] = src[i:]
+    return out
