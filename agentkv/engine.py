@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_LLAMA_CPP = ("0.3.36",)
 FORMAT_ID = "llama.cpp-seq-state/ggsq3/kv-cache-2026-10"
 _SEQ = 0  # Llama drives one sequence
+SWA_MARGIN = 64  # positions kept beyond the SWA window: rollbacks this deep stay exact
 _HASH_CHUNK = 8 << 20
 
 
@@ -124,20 +125,41 @@ class Engine:
 
     # -- snapshot / restore ---------------------------------------------------------------
 
+    def _state(self, seq_id: int) -> np.ndarray:
+        size = int(llama_cpp.llama_state_seq_get_size(self.llm.ctx, seq_id))
+        buf = np.empty(size, dtype=np.uint8)
+        written = llama_cpp.llama_state_seq_get_data(
+            self.llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id)
+        if written != size:
+            raise RestoreFailed(f"llama_state_seq_get_data wrote {written} of {size} bytes")
+        return buf
+
     def snapshot(self) -> Snapshot:
-        """The live tokens and the sequence state of their KV."""
+        """The live tokens and the sequence state of their KV.
+
+        For an SWA model the SWA layers keep ``SWA_MARGIN`` positions more than their window,
+        so that a prompt which rewrites the last few tokens of the history (a chat template
+        re-rendering the previous answer) still continues exactly after a restore.
+        """
         llm = self.llm
         n = int(llm.n_tokens)
         # Cells past n_tokens are stale (Llama removes them lazily at its next eval).
         llm._ctx.kv_cache_seq_rm(-1, n, -1)
         tokens = llm.input_ids[:n].astype(np.int32, copy=True)
-        size = self.state_size()
-        buf = np.empty(size, dtype=np.uint8)
-        written = llama_cpp.llama_state_seq_get_data(
-            llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, _SEQ)
-        if written != size:
-            raise RestoreFailed(f"llama_state_seq_get_data wrote {written} of {size} bytes")
-        return Snapshot(tokens=tokens, state=buf)
+        keep_from = max(0, n - self.n_swa - SWA_MARGIN, self._floor)
+        if self.n_swa > 0 and keep_from > 0:
+            whole = self._state(-1)  # every cell, SWA-masked ones included
+            try:
+                parsed = seqstate.parse(whole)
+                swa = parsed.caches[-1].only_stream()
+                base = parsed.caches[0].only_stream()
+                if (len(parsed.caches) == 2 and swa is not None and base is not None
+                        and swa.simple_cells and base.simple_cells and swa.is_contiguous
+                        and swa.pos_min <= keep_from and swa.pos_max == n - 1):
+                    return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ))
+            except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
+                log.debug("whole-context state not trimmable (%s); saving the sequence state", exc)
+        return Snapshot(tokens, self._state(_SEQ))
 
     def restore(self, snap: Snapshot) -> None:
         """Make ``snap`` the live sequence; raise CorruptEntry/RestoreFailed (context cleared)."""
@@ -167,7 +189,7 @@ class Engine:
         if swa is None or swa.pos_min <= 0:
             return blob, 0
         if self.swa_full and swa.simple_cells and swa.is_contiguous:
-            return seqstate.pad_front(blob, parsed, len(parsed.caches) - 1, swa.pos_min), swa.pos_min
+            return seqstate.set_front(blob, parsed, len(parsed.caches) - 1, 0), swa.pos_min
         return blob, swa.pos_min
 
     # -- the generate guard ---------------------------------------------------------------

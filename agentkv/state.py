@@ -21,8 +21,9 @@ Why padding exists: the writer drops the cells an SWA layer can no longer see, s
 SWA cache holds its last window at cell indices 0..W-1, while a context that was never evicted
 holds the same window at indices equal to the positions. ggml's attention kernels partition the
 KV by cell index (split-KV decode, tiles), so the two layouts round differently and the logits
-drift. :func:`pad_front` puts zero-filled, SWA-masked cells in front of the window so that the
+drift. :func:`set_front` puts zero-filled, SWA-masked cells in front of the window so that the
 restored cache has the never-evicted layout again, and the arithmetic is bit for bit the same.
+The same function trims a whole-context dump's SWA cache down to the window plus a margin.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 
 from .errors import CorruptEntry
 
-__all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "pad_front"]
+__all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front"]
 
 SEQ_MAGIC = 0xAF143CD8
 _MAX_STREAMS = 256  # LLAMA_MAX_SEQ
@@ -213,61 +214,61 @@ def parse(blob: bytes, ext_size: int = 0) -> SeqState:
     return SeqState(seq_id, tuple(caches), len(buf))
 
 
-def pad_front(blob: bytes, state: SeqState, cache_index: int, n_pad: int) -> bytearray:
-    """A copy of ``blob`` whose cache ``cache_index`` gains ``n_pad`` zero cells in front.
+def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
+              seq_id: Optional[int] = None) -> np.ndarray:
+    """A copy of ``blob`` whose cache ``cache_index`` starts at position ``new_pos_min``.
 
-    The new cells hold positions ``0 .. n_pad-1`` of the same sequence, so that a restore places
-    the stored cells at the cell indices equal to their positions (see the module docstring).
-    The cache must have one stream of simple, contiguous cells starting at ``n_pad``.
+    Below the stream's first position, zero-filled cells are added in front (positions
+    ``new_pos_min ..``); above it, the first cells are dropped. The cache must hold one stream
+    of simple, contiguous cells. ``seq_id`` rewrites the blob's header (a whole-context dump
+    says -1; a sequence restore wants the sequence it came from).
     """
     cache = state.caches[cache_index]
     stream = cache.only_stream()
-    if stream is None or not stream.simple_cells or not stream.is_contiguous or stream.pos_min != n_pad:
-        raise ValueError("pad_front needs one contiguous simple stream starting at n_pad")
-    src = memoryview(blob).cast("B")
-    n_old, n_new = stream.cell_count, stream.cell_count + n_pad
-    meta_old = 12 * n_old
-    extra = 12 * n_pad + sum((s.end - s.start) // n_old * n_pad for s in stream.k + stream.v)
-    out = bytearray(len(src) + extra)  # zero-filled: the padding needs no writes
-    dst = memoryview(out)
+    if stream is None or not stream.simple_cells or not stream.is_contiguous:
+        raise ValueError("set_front needs one stream of simple, contiguous cells")
+    if not 0 <= new_pos_min <= stream.pos_max:
+        raise ValueError(f"new_pos_min {new_pos_min} outside 0..{stream.pos_max}")
+    src = np.frombuffer(blob, dtype=np.uint8)
+    n_old = stream.cell_count
+    delta = stream.pos_min - new_pos_min  # cells added (> 0) or dropped (< 0) in front
+    n_new = n_old + delta
+    grow = delta * (12 + sum((sp.end - sp.start) // n_old for sp in stream.k + stream.v))
+    out = np.zeros(src.nbytes + grow, dtype=np.uint8)  # calloc: padding costs no writes
 
-    # Everything before this cache's first stream header is copied as is.
-    i = o = 0
-    cc_off = cache.start + 4 + 4 * next(k for k, s in enumerate(cache.streams) if s is not None)
-    dst[o:cc_off] = src[i:cc_off]
-    struct.pack_into("<I", out, cc_off, n_new)
+    first = next(k for k, s in enumerate(cache.streams) if s is not None)
+    cc_off = cache.start + 4 + 4 * first  # this stream's cell_count
+    out[:cc_off] = src[:cc_off]
+    out[cc_off:cc_off + 4] = np.frombuffer(struct.pack("<I", n_new), np.uint8)
+    if seq_id is not None:
+        out[4:8] = np.frombuffer(struct.pack("<i", seq_id), np.uint8)
     i = o = cc_off + 4
 
-    seq_id = int(np.frombuffer(src, dtype=_CELL_DTYPE, count=1, offset=i)["seq_id"][0])
-    pad_cells = np.zeros(n_pad, dtype=_CELL_DTYPE)
-    pad_cells["pos"] = np.arange(n_pad, dtype=np.int32)
-    pad_cells["n_seq_id"] = 1
-    pad_cells["seq_id"] = seq_id
-    dst[o:o + 12 * n_pad] = pad_cells.tobytes()
-    o += 12 * n_pad
-    dst[o:o + meta_old + 8] = src[i:i + meta_old + 8]  # cells, v_trans, n_layer
-    i += meta_old + 8
-    o += meta_old + 8
-
-    for span in stream.k + stream.v:
-        header = 12  # (i32 type, u64 row size) or (i32 type, u32 el size, u32 n_embd)
-        dst[o:o + header] = src[i:i + header]
-        i += header
-        o += header
-        if span.el_size == 0:
-            pad = n_pad * span.row_size
-            o += pad
-            size = span.end - span.start
-            dst[o:o + size] = src[i:i + size]
+    def copy_rows(o: int, i: int, n_rows: int, row: int) -> Tuple[int, int]:
+        """Copy one tensor of ``n_rows`` x ``row`` bytes (cells along the rows) re-fronted."""
+        s_rows = src[i:i + n_rows * n_old * row].reshape(n_rows, n_old * row)
+        d_rows = out[o:o + n_rows * n_new * row].reshape(n_rows, n_new * row)
+        if delta >= 0:
+            d_rows[:, delta * row:] = s_rows
         else:
-            row_old, row_new = n_old * span.el_size, n_new * span.el_size
-            pad = n_pad * span.el_size
-            rows_src = np.frombuffer(src, np.uint8, span.n_embd * row_old, i).reshape(span.n_embd, row_old)
-            rows_dst = np.frombuffer(dst, np.uint8, span.n_embd * row_new, o).reshape(span.n_embd, row_new)
-            rows_dst[:, pad:] = rows_src
-            size = span.end - span.start
-            o += span.n_embd * row_new - size  # the padding, spread over the rows
-        i += size
-        o += size
-    dst[o:] = src[i:]
+            d_rows[:, :] = s_rows[:, -delta * row:]
+        return o + n_rows * n_new * row, i + n_rows * n_old * row
+
+    seq = int(np.frombuffer(blob, dtype=_CELL_DTYPE, count=1, offset=i)["seq_id"][0])
+    cells = np.zeros(n_new, dtype=_CELL_DTYPE)
+    cells["pos"] = np.arange(new_pos_min, new_pos_min + n_new, dtype=np.int32)
+    cells["n_seq_id"] = 1
+    cells["seq_id"] = seq if seq_id is None else seq_id
+    out[o:o + 12 * n_new] = np.frombuffer(cells.tobytes(), np.uint8)
+    o, i = o + 12 * n_new, i + 12 * n_old
+    out[o:o + 8] = src[i:i + 8]  # v_trans, n_layer
+    o, i = o + 8, i + 8
+    for span in stream.k + stream.v:
+        out[o:o + 12] = src[i:i + 12]  # (i32 type, u64 row size) or (i32, u32 el, u32 n_embd)
+        o, i = o + 12, i + 12
+        if span.el_size == 0:  # rows are cells
+            o, i = copy_rows(o, i, 1, span.row_size)
+        else:  # transposed V: rows are embedding dims, cells along each row
+            o, i = copy_rows(o, i, span.n_embd, span.el_size)
+    out[o:] = src[i:]
     return out

