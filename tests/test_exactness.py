@@ -1,0 +1,167 @@
+"""An agent evicted between every turn answers exactly like one that never left the context."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import xxhash
+
+from agentkv import AgentMemory
+from conftest import QUESTIONS, chat_chain, last_logits, plain_step
+
+
+def reference(llm):
+    llm.reset()
+    answers = chat_chain(plain_step(llm))
+    return answers, last_logits(llm)
+
+
+def test_exact_through_ram(llm, tmp_path):
+    ref_answers, ref_logits = reference(llm)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+        other = iter(QUESTIONS * 2)
+
+        def step(messages):
+            out = mem.create_chat_completion("planner", messages=messages, temperature=0,
+                                             max_tokens=16)
+            logits = last_logits(llm)
+            mem.create_completion("critic", next(other), max_tokens=4, temperature=0)
+            step.logits = logits
+            return out
+
+        answers = chat_chain(step)
+        stats = mem.stats()
+    assert answers == ref_answers
+    assert np.array_equal(step.logits, ref_logits)
+    assert stats.hits["ram"] >= 2 * (len(QUESTIONS) - 1)
+    assert stats.hits["disk"] == 0
+
+
+def test_exact_through_disk(llm, tmp_path):
+    ref_answers, ref_logits = reference(llm)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        def step(messages):
+            out = mem.create_chat_completion("planner", messages=messages, temperature=0,
+                                             max_tokens=16)
+            step.logits = last_logits(llm)
+            mem.create_completion("critic", "Hello", max_tokens=2, temperature=0)
+            return out
+
+        answers = chat_chain(step)
+        stats = mem.stats()
+    assert answers == ref_answers
+    assert np.array_equal(step.logits, ref_logits)
+    assert stats.hits["ram"] == 0
+    assert stats.hits["disk"] >= 2 * (len(QUESTIONS) - 1)
+    assert stats.bytes_read > 0 and stats.rejected == 0
+
+
+TURN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, xxhash
+    sys.path[:0] = {paths!r}
+    from agentkv import AgentMemory
+    from conftest import make_llm, last_logits
+    cache_dir, messages_file, out_file = sys.argv[1:4]
+    messages = json.load(open(messages_file))
+    llm = make_llm()
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget="1GiB") as mem:
+        out = mem.create_chat_completion("planner", messages=messages, temperature=0, max_tokens=16)
+        logits = last_logits(llm)
+        record = mem.last_turn
+    json.dump({{"answer": out["choices"][0]["message"]["content"], "source": record.source,
+               "evaluated": record.prompt_tokens_evaluated,
+               "logits": xxhash.xxh3_128_hexdigest(logits.tobytes())}}, open(out_file, "w"))
+""")
+
+
+def test_exact_through_restart(llm, tmp_path):
+    """Each turn runs in a new process on the same cache_dir."""
+    ref_answers, ref_logits = reference(llm)
+    script = tmp_path / "turn.py"
+    here = str(__import__("pathlib").Path(__file__).parent)
+    root = str(__import__("pathlib").Path(__file__).parent.parent)
+    script.write_text(TURN_SCRIPT.format(paths=[root, here]))
+    results = []
+
+    def step(messages):
+        mfile, ofile = tmp_path / "messages.json", tmp_path / "out.json"
+        mfile.write_text(json.dumps(messages))
+        subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), str(mfile),
+                        str(ofile)], check=True, timeout=300)
+        result = json.loads(ofile.read_text())
+        results.append(result)
+        return {"choices": [{"message": {"content": result["answer"]}}]}
+
+    answers = chat_chain(step)
+    assert answers == ref_answers
+    assert results[-1]["logits"] == xxhash.xxh3_128_hexdigest(ref_logits.tobytes())
+    assert [r["source"] for r in results] == ["cold"] + ["disk"] * (len(QUESTIONS) - 1)
+    assert all(r["evaluated"] < 40 for r in results[1:])
+
+
+def test_returning_agent_evaluates_only_the_new_suffix(llm, tmp_path):
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        history = "Notes: " + " ".join(f"item {i} is ready." for i in range(150))
+        mem.create_completion("writer", history, max_tokens=1, temperature=0)
+        n_history = mem.agents()[0].n_tokens
+        mem.create_completion("other", "Hi", max_tokens=1, temperature=0)
+        suffix = " Next, item 150 is ready."
+        mem.create_completion("writer", history + suffix, max_tokens=1, temperature=0)
+        turn = mem.last_turn
+        n_suffix = len(llm.tokenize((history + suffix).encode())) - n_history
+    assert n_history > 600
+    assert turn.source == "disk"
+    assert turn.prompt_tokens_evaluated <= n_suffix + 1
+    assert turn.prompt_tokens_restored >= n_history - 1
+
+
+def test_resume_with_same_prompt_replays_one_token(llm, tmp_path):
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+        prompt = "Notes: " + " ".join(f"item {i} is ready." for i in range(150))
+        mem.create_completion("a", prompt, max_tokens=1, temperature=0)
+        mem.create_completion("b", "Hi", max_tokens=1, temperature=0)
+        mem.create_completion("a", prompt, max_tokens=1, temperature=0)
+        assert mem.last_turn.source == "ram"
+        assert mem.last_turn.prompt_tokens_evaluated == 1
+
+
+def test_divergence_before_the_swa_window_prefills_correctly(llm, tmp_path):
+    """A prompt that rewrites history further back than the stored SWA window reaches."""
+    history = "Log: " + " ".join(f"event {i} passed." for i in range(200))
+    rewritten = history[:200] + " a different ending, long enough to matter." * 3
+    llm.reset()
+    cold = llm.create_completion(rewritten, max_tokens=12, temperature=0)
+    cold_logits = last_logits(llm)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        mem.create_completion("a", history, max_tokens=1, temperature=0)
+        mem.evict("a")
+        out = mem.create_completion("a", rewritten, max_tokens=12, temperature=0)
+        turn = mem.last_turn
+    assert turn.source == "disk"
+    assert turn.prompt_tokens_evaluated == len(llm.tokenize(rewritten.encode()))
+    assert out["choices"][0]["text"] == cold["choices"][0]["text"]
+    assert np.array_equal(last_logits(llm), cold_logits)
+
+
+def test_shallow_rewrite_after_restore_stays_exact(llm, tmp_path):
+    """Rewriting the last few tokens (within the stored margin) continues from the restore."""
+    history = "Log: " + " ".join(f"event {i} passed." for i in range(200))
+    rewritten = history[:-40] + " and then everything stopped."
+    llm.reset()
+    llm.create_completion(history, max_tokens=1, temperature=0)
+    ref = llm.create_completion(rewritten, max_tokens=12, temperature=0)
+    ref_logits = last_logits(llm)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        mem.create_completion("a", history, max_tokens=1, temperature=0)
+        mem.evict("a")
+        out = mem.create_completion("a", rewritten, max_tokens=12, temperature=0)
+        turn = mem.last_turn
+    assert turn.source == "disk"
+    assert turn.prompt_tokens_evaluated < 30
+    assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+    assert np.array_equal(last_logits(llm), ref_logits)
