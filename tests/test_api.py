@@ -1,0 +1,104 @@
+"""The public surface: agent() blocks, streams, threads, evict/forget/flush, restarts."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from agentkv import AgentMemory, TurnInProgress
+from conftest import last_logits
+
+PROMPT = "Story: " + " ".join(f"the knight rode to town {i}." for i in range(100))
+
+
+def test_agent_block_gives_the_llama_to_one_agent(llm, tmp_path):
+    with AgentMemory(llm, cache_dir=tmp_path) as mem:
+        with mem.agent("planner") as live:
+            assert live is llm
+            out = live.create_completion(PROMPT, max_tokens=4, temperature=0)
+        with mem.agent("coder") as live:
+            live.create_completion("Write code.", max_tokens=2, temperature=0)
+        with mem.agent("planner") as live:
+            again = live.create_completion(PROMPT, max_tokens=4, temperature=0)
+            assert mem.last_turn is None or mem.last_turn.agent_id == "coder"
+        assert again["choices"][0]["text"] == out["choices"][0]["text"]
+        stats = mem.stats()
+        assert stats.turns == 3 and stats.hits["ram"] == 1 and stats.hits["cold"] == 2
+        assert [a.agent_id for a in mem.agents()] == ["coder", "planner"]
+
+
+def test_stream_turn_ends_when_the_stream_does(llm, tmp_path):
+    llm.reset()
+    full = llm.create_completion(PROMPT, max_tokens=8, temperature=0)["choices"][0]["text"]
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        chunks = list(mem.create_completion("a", PROMPT, max_tokens=8, temperature=0, stream=True))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == full
+        stream = mem.create_chat_completion("b", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=16, temperature=0, stream=True)
+        next(stream)
+        next(stream)
+        with pytest.raises(TurnInProgress):  # same thread, stream still open
+            mem.create_completion("a", PROMPT, max_tokens=1)
+        stream.close()
+        n_b = {a.agent_id: a.n_tokens for a in mem.agents()}["b"]
+        mem.create_completion("a", PROMPT, max_tokens=1, temperature=0)
+        assert mem.last_turn.source == "disk"
+        assert {a.agent_id: a.n_tokens for a in mem.agents()}["b"] == n_b
+
+
+def test_threads_are_serialized_not_interleaved(llm, tmp_path):
+    prompts = {f"t{i}": f"Thread {i} says: " + " ".join(f"word{i}{j}" for j in range(60))
+               for i in range(3)}
+    expected = {}
+    for agent_id, prompt in prompts.items():  # each agent alone, never evicted, asked twice
+        llm.reset()
+        expected[agent_id] = [llm.create_completion(prompt, max_tokens=6, temperature=0)
+                              ["choices"][0]["text"] for _ in range(2)]
+    results, errors = {}, []
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        def worker(agent_id):
+            try:
+                for _ in range(2):
+                    out = mem.create_completion(agent_id, prompts[agent_id], max_tokens=6, temperature=0)
+                    results.setdefault(agent_id, []).append(out["choices"][0]["text"])
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=worker, args=(a,)) for a in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert mem.stats().turns == 6
+    assert not errors
+    assert results == expected
+
+
+def test_evict_forget_flush(llm, tmp_path):
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+        mem.create_completion("a", PROMPT, max_tokens=1, temperature=0)
+        mem.create_completion("b", "Hello", max_tokens=1, temperature=0)
+        assert {a.agent_id: a.tier for a in mem.agents()} == {"a": "ram", "b": "live"}
+        mem.evict("a")
+        assert {a.agent_id: a.tier for a in mem.agents()} == {"a": "disk", "b": "live"}
+        mem.flush()
+        mem.forget("a")
+        assert [a.agent_id for a in mem.agents()] == ["b"]
+        mem.create_completion("a", PROMPT, max_tokens=1, temperature=0)
+        assert mem.last_turn.source == "cold"
+    with AgentMemory(llm, cache_dir=tmp_path) as mem:  # flushed on close: both survive
+        assert {a.agent_id: a.tier for a in mem.agents()} == {"a": "disk", "b": "disk"}
+        mem.create_completion("b", "Hello", max_tokens=1, temperature=0)
+        assert mem.last_turn.source == "disk"
+
+
+def test_close_hands_back_a_plain_llama(llm, tmp_path):
+    mem = AgentMemory(llm, cache_dir=tmp_path)
+    assert "generate" in llm.__dict__
+    mem.close()
+    assert "generate" not in llm.__dict__
+    llm.reset()
+    out = llm.create_completion("Hello", max_tokens=2, temperature=0)
+    assert out["choices"][0]["text"]
+    assert np.isfinite(last_logits(llm)).all()

@@ -1,0 +1,83 @@
+"""The sequence-state parser and the snapshot codec, on real blobs and on damaged ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from agentkv import CorruptEntry, FingerprintMismatch
+from agentkv import state as seqstate
+from agentkv.engine import Engine
+from agentkv.snapshot import Snapshot, check_state, decode, encode
+from conftest import make_llm
+
+PROMPT = "Parser food: " + " ".join(f"token soup {i}." for i in range(140))
+
+
+@pytest.fixture(scope="module", params=["flash", "transposed"])
+def blob(request):
+    llm = make_llm(flash_attn=request.param == "flash", n_ctx=2048)
+    try:
+        llm.create_completion(PROMPT, max_tokens=1, temperature=0)
+        engine = Engine(llm)
+        n = engine.n_tokens
+        return bytes(engine._state(0)), n, bytes(engine.snapshot().state), request.param
+    finally:
+        llm.close()
+
+
+def test_parse_real_blob(blob):
+    raw, n, _, mode = blob
+    parsed = seqstate.parse(raw)
+    base, swa = parsed.caches[0].only_stream(), parsed.caches[1].only_stream()
+    assert (base.cell_count, base.pos_min, base.pos_max) == (n, 0, n - 1)
+    assert (swa.cell_count, swa.pos_min, swa.pos_max) == (512, n - 512, n - 1)
+    assert base.v_trans == (mode == "transposed")
+    assert parsed.nbytes == len(raw)
+
+
+def test_set_front_pads_and_trims_back_to_the_same_bytes(blob):
+    raw, n, margin_blob, _ = blob
+    parsed = seqstate.parse(raw)
+    padded = seqstate.set_front(raw, parsed, 1, 0)
+    p2 = seqstate.parse(padded)
+    assert p2.caches[1].only_stream().cell_count == n
+    assert bytes(seqstate.set_front(padded, p2, 1, n - 512)) == raw
+    # the engine's margin snapshot keeps 64 more positions than the window
+    swa = check_state(margin_blob, n).caches[1].only_stream()
+    assert swa.pos_min == n - 512 - 64
+
+
+def test_codec_round_trip_and_refusals(blob):
+    raw, n, _, _ = blob
+    snap = Snapshot(np.arange(n, dtype=np.int32) % 1000, raw)
+    fp = bytes(range(16))
+    payload = encode(snap, fp)
+    back = decode(payload, fp)
+    assert np.array_equal(back.tokens, snap.tokens) and bytes(back.state) == raw
+    with pytest.raises(FingerprintMismatch):
+        decode(payload, bytes(16))
+    flipped = bytearray(payload)
+    flipped[len(flipped) // 2] ^= 0x01
+    for bad in (payload[:-1], payload[:100], b"", bytes(flipped)):
+        with pytest.raises(CorruptEntry):
+            decode(bad, fp)
+    wrong_tokens = Snapshot(np.arange(n + 1, dtype=np.int32), raw)
+    with pytest.raises(CorruptEntry):
+        decode(encode(wrong_tokens, fp), fp)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_parser_never_crashes_on_damage(blob, data):
+    raw, _, _, _ = blob
+    buf = bytearray(raw[: 1 << 16] if data.draw(st.booleans()) else raw)
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(buf)))
+    try:
+        seqstate.parse(bytes(buf[:cut]))
+    except CorruptEntry:
+        pass
