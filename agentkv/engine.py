@@ -73,6 +73,7 @@ class Engine:
         self.swa_full = bool(llm.context_params.swa_full)
         self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
         self._installed = False
+        self._scratch = np.empty(0, dtype=np.uint8)
         self.on_prompt: Optional[Callable[[int, int], None]] = None  # (evaluated, reused)
 
     # -- identity -------------------------------------------------------------------------
@@ -125,9 +126,19 @@ class Engine:
 
     # -- snapshot / restore ---------------------------------------------------------------
 
-    def _state(self, seq_id: int) -> np.ndarray:
+    def _state(self, seq_id: int, scratch: bool = False) -> np.ndarray:
+        """The state blob of ``seq_id`` (-1: the whole context, SWA-masked cells included).
+
+        ``scratch`` writes into a buffer the engine reuses (its pages stay mapped), for
+        dumps that are only read once and then trimmed into a snapshot of their own.
+        """
         size = int(llama_cpp.llama_state_seq_get_size(self.llm.ctx, seq_id))
-        buf = np.empty(size, dtype=np.uint8)
+        if scratch:
+            if self._scratch.nbytes < size:
+                self._scratch = np.empty(size + (size >> 3), dtype=np.uint8)
+            buf = self._scratch[:size]
+        else:
+            buf = np.empty(size, dtype=np.uint8)
         written = llama_cpp.llama_state_seq_get_data(
             self.llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id)
         if written != size:
@@ -148,7 +159,7 @@ class Engine:
         tokens = llm.input_ids[:n].astype(np.int32, copy=True)
         keep_from = max(0, n - self.n_swa - SWA_MARGIN, self._floor)
         if self.n_swa > 0 and keep_from > 0:
-            whole = self._state(-1)  # every cell, SWA-masked ones included
+            whole = self._state(-1, scratch=True)  # every cell, SWA-masked ones included
             try:
                 parsed = seqstate.parse(whole)
                 swa = parsed.caches[-1].only_stream()
