@@ -56,14 +56,11 @@ class MemoryConfig:
         ram_budget: bytes of snapshots kept in RAM, the live agent excluded; 0 sends every
             returning agent through disk.
         disk_budget: bytes of KV payloads kept on disk; the least recently used agents go first.
-        write_behind: persist snapshots on a background thread as soon as they leave the
-            context (True), or only when they leave RAM, on flush() and on close() (False).
     """
 
     cache_dir: Path
     ram_budget: int
     disk_budget: int
-    write_behind: bool = True
 
     @classmethod
     def create(
@@ -71,7 +68,6 @@ class MemoryConfig:
         cache_dir: Union[str, Path],
         ram_budget: SizeLike,
         disk_budget: SizeLike,
-        write_behind: bool = True,
     ) -> "MemoryConfig":
         if not isinstance(cache_dir, (str, Path)) or str(cache_dir) == "":
             raise ConfigError(f"cache_dir must be a path, not {cache_dir!r}")
@@ -79,5 +75,4 @@ class MemoryConfig:
             cache_dir=Path(cache_dir).expanduser(),
             ram_budget=parse_size(ram_budget, "ram_budget"),
             disk_budget=parse_size(disk_budget, "disk_budget"),
-            write_behind=bool(write_behind),
         )

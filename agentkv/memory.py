@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -139,6 +140,8 @@ class AgentMemory:
                  ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB") -> None:
         self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
         self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget)
+        self._closed = True  # until the end of __init__
+        self._take_over(llm)
         self._store = DiskStore(self._config.cache_dir, self._config.disk_budget)
         self._fingerprint = self._engine.fingerprint(
             self._store.model_hash(self._engine.model_path, hash_file))
@@ -154,11 +157,11 @@ class AgentMemory:
         self._live_saved: Optional[Snapshot] = None  # snapshot of the live state, if current
         self._turn_record: Optional[TurnRecord] = None
         self.last_turn: Optional[TurnRecord] = None
-        self._closed = False
+        self._engine.install()
         self._engine.clear()  # whatever the Llama held belongs to no agent
         self._engine.on_prompt = self._count_prompt
-        self._engine.install()
         self._writer = WriteBehind(self._persist)
+        self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", self._config.cache_dir,
                   self._fingerprint.hex())
 
@@ -282,6 +285,16 @@ class AgentMemory:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"live={self._live!r}"
         return f"AgentMemory({self._config.cache_dir}, {state})"
+
+    def _take_over(self, llm: Any) -> None:
+        """A Llama serves one AgentMemory at a time: an open predecessor is flushed and closed."""
+        previous = getattr(llm, "_agentkv_memory", None)
+        previous = previous() if previous is not None else None
+        if previous is not None and not previous._closed:
+            log.warning("this Llama was wrapped by another open AgentMemory (%s); closing it",
+                        previous._config.cache_dir)
+            previous.close()
+        llm._agentkv_memory = weakref.ref(self)
 
     # -- turns ----------------------------------------------------------------------------
 

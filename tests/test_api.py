@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from agentkv import AgentMemory, TurnInProgress
+from agentkv import AgentMemory, MemoryClosed, TurnInProgress
 from conftest import last_logits
 
 PROMPT = "Story: " + " ".join(f"the knight rode to town {i}." for i in range(100))
@@ -96,7 +96,12 @@ def test_evict_forget_flush(llm, tmp_path):
 def test_close_hands_back_a_plain_llama(llm, tmp_path):
     mem = AgentMemory(llm, cache_dir=tmp_path)
     assert "generate" in llm.__dict__
-    mem.close()
+    mem.create_completion("a", "Hello there", max_tokens=1, temperature=0)
+    second = AgentMemory(llm, cache_dir=tmp_path)  # takes the Llama over: the first is flushed
+    with pytest.raises(MemoryClosed):
+        mem.create_completion("a", "Hi", max_tokens=1)
+    assert [a.tier for a in second.agents()] == ["disk"]
+    second.close()
     assert "generate" not in llm.__dict__
     llm.reset()
     out = llm.create_completion("Hello", max_tokens=2, temperature=0)

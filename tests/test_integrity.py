@@ -98,7 +98,7 @@ def test_foreign_model_with_same_shapes_is_refused(llm, tmp_path, caplog):
     other = make_llm(str(other_path))
     try:
         with AgentMemory(other, cache_dir=tmp_path / "cache", ram_budget=0) as mem:
-            with AgentMemory.__new__(AgentMemory).__class__(llm, cache_dir=tmp_path / "x") as ref:
+            with AgentMemory(llm, cache_dir=tmp_path / "x") as ref:
                 assert ref.fingerprint != mem.fingerprint
             mem.create_completion("a", PROMPT_A, max_tokens=1, temperature=0)
             assert mem.last_turn.source == "cold"
