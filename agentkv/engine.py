@@ -74,6 +74,7 @@ class Engine:
         self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
         self._installed = False
         self._scratch = np.empty(0, dtype=np.uint8)
+        self._has_outputs = False  # the context has decoded at least once: it has a logits row
         self.on_prompt: Optional[Callable[[int, int], None]] = None  # (evaluated, reused)
 
     # -- identity -------------------------------------------------------------------------
@@ -157,6 +158,10 @@ class Engine:
         # Cells past n_tokens are stale (Llama removes them lazily at its next eval).
         llm._ctx.kv_cache_seq_rm(-1, n, -1)
         tokens = llm.input_ids[:n].astype(np.int32, copy=True)
+        logits = None
+        if n > 0 and not llm._requires_eval:  # the context's logits are this history's
+            logits = self.last_logits()
+            self._has_outputs = True
         keep_from = max(0, n - self.n_swa - SWA_MARGIN, self._floor)
         if self.n_swa > 0 and keep_from > 0:
             whole = self._state(-1, scratch=True)  # every cell, SWA-masked ones included
@@ -167,10 +172,11 @@ class Engine:
                 if (len(parsed.caches) == 2 and swa is not None and base is not None
                         and swa.simple_cells and base.simple_cells and swa.is_contiguous
                         and swa.pos_min <= keep_from and swa.pos_max == n - 1):
-                    return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ))
+                    return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ),
+                                    logits)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
                 log.debug("whole-context state not trimmable (%s); saving the sequence state", exc)
-        return Snapshot(tokens, self._state(_SEQ))
+        return Snapshot(tokens, self._state(_SEQ), logits)
 
     def restore(self, snap: Snapshot) -> None:
         """Make ``snap`` the live sequence; raise CorruptEntry/RestoreFailed (context cleared)."""
@@ -189,8 +195,21 @@ class Engine:
             raise RestoreFailed("llama.cpp refused the sequence state (shape or type mismatch)")
         self.llm.input_ids[:n] = snap.tokens
         self.llm.n_tokens = n
-        self.llm._requires_eval = True  # no logits yet: generate replays one token if it must
+        self.llm._requires_eval = not self._put_logits(snap.logits)
         self._floor = floor
+
+    def _put_logits(self, logits: Optional[np.ndarray]) -> bool:
+        """Write carried logits into the context's last output row, so that generate samples
+        them at once (exactly what a never-evicted context would sample from). Without them
+        (or without an output row yet) generate replays the last token instead."""
+        n_vocab = self.llm.n_vocab()
+        if logits is None or not self._has_outputs or logits.shape[0] != n_vocab:
+            return False
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        if not ptr:
+            return False
+        np.ctypeslib.as_array(ptr, shape=(n_vocab,))[:] = logits
+        return True
 
     def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):
         """The blob to load and the SWA floor it leaves (see state.py on padding)."""

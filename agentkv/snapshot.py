@@ -7,7 +7,8 @@ so the RAM tier, the background writer and a restore can share it without copies
 On disk a snapshot is one payload (little-endian)::
 
     magic b"AKVS" | u16 version | u16 flags | 16 B fingerprint | u32 n_tokens | u64 state_len
-    | n_tokens x i32 token ids | state_len B sequence state | 16 B xxh3-128 of all that precedes
+    | u32 n_logits | n_tokens x i32 token ids | state_len B sequence state
+    | n_logits x f32 logits of the last token (0: none) | 16 B xxh3-128 of all that precedes
 
 The digest is also the payload's content address (its key in the store), so a read checks that
 the bytes are the ones that were written under that key. :func:`decode` checks, in order:
@@ -32,8 +33,8 @@ __all__ = ["Snapshot", "encode", "decode", "content_key", "check_state"]
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 _MAGIC = b"AKVS"
-_VERSION = 1
-_HEADER = struct.Struct("<4sHH16sIQ")
+_VERSION = 2
+_HEADER = struct.Struct("<4sHH16sIQI")
 _DIGEST = 16
 
 
@@ -44,10 +45,13 @@ class Snapshot:
     Attributes:
         tokens: int32 token ids, ``tokens[i]`` sits at position ``i``.
         state: the blob from ``llama_state_seq_get_data`` (any buffer).
+        logits: float32 logits after the last token, when the context had them; a restore
+            that carries them lets the next turn sample at once instead of replaying a token.
     """
 
     tokens: np.ndarray
     state: Buffer
+    logits: Optional[np.ndarray] = None
 
     @property
     def n_tokens(self) -> int:
@@ -55,7 +59,8 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        return int(self.tokens.nbytes) + memoryview(self.state).nbytes
+        extra = 0 if self.logits is None else int(self.logits.nbytes)
+        return int(self.tokens.nbytes) + memoryview(self.state).nbytes + extra
 
 
 def check_state(state: Buffer, n_tokens: int) -> seqstate.SeqState:
@@ -82,11 +87,14 @@ def encode(snapshot: Snapshot, fingerprint: bytes) -> bytes:
         raise ValueError("fingerprint must be 16 bytes")
     tokens = np.ascontiguousarray(snapshot.tokens, dtype="<i4")
     state = memoryview(snapshot.state).cast("B")
-    header = _HEADER.pack(_MAGIC, _VERSION, 0, fingerprint, tokens.shape[0], state.nbytes)
+    logits = (np.zeros(0, "<f4") if snapshot.logits is None
+              else np.ascontiguousarray(snapshot.logits, dtype="<f4"))
+    header = _HEADER.pack(_MAGIC, _VERSION, 0, fingerprint, tokens.shape[0], state.nbytes,
+                          logits.shape[0])
     h = xxhash.xxh3_128()
-    for part in (header, tokens, state):
+    for part in (header, tokens, state, logits):
         h.update(part)
-    return b"".join((header, tokens.tobytes(), state, h.digest()))
+    return b"".join((header, tokens.tobytes(), state, logits.tobytes(), h.digest()))
 
 
 def content_key(payload: Buffer) -> str:
@@ -106,12 +114,12 @@ def decode(payload: Buffer, fingerprint: bytes, key: Optional[str] = None) -> Sn
     view = memoryview(payload).cast("B")
     if view.nbytes < _HEADER.size + _DIGEST:
         raise CorruptEntry(f"payload truncated: {view.nbytes} bytes")
-    magic, version, _flags, fp, n_tokens, state_len = _HEADER.unpack_from(view, 0)
+    magic, version, _flags, fp, n_tokens, state_len, n_logits = _HEADER.unpack_from(view, 0)
     if magic != _MAGIC:
         raise CorruptEntry("payload is not an agentkv snapshot (bad magic)")
     if version != _VERSION:
         raise CorruptEntry(f"snapshot format version {version} is not supported (expected {_VERSION})")
-    expected = _HEADER.size + 4 * n_tokens + state_len + _DIGEST
+    expected = _HEADER.size + 4 * n_tokens + state_len + 4 * n_logits + _DIGEST
     if view.nbytes != expected:
         raise CorruptEntry(f"payload is {view.nbytes} bytes, its header promises {expected}")
     digest = xxhash.xxh3_128(view[:-_DIGEST]).digest()
@@ -124,6 +132,10 @@ def decode(payload: Buffer, fingerprint: bytes, key: Optional[str] = None) -> Sn
             f"snapshot was made under fingerprint {fp.hex()}, this context is {fingerprint.hex()}")
     off = _HEADER.size
     tokens = np.frombuffer(view, dtype="<i4", count=n_tokens, offset=off).astype(np.int32)
-    state = view[off + 4 * n_tokens: off + 4 * n_tokens + state_len]
+    off += 4 * n_tokens
+    state = view[off: off + state_len]
     check_state(state, n_tokens)
-    return Snapshot(tokens=tokens, state=state)
+    logits = None
+    if n_logits:
+        logits = np.frombuffer(view, dtype="<f4", count=n_logits, offset=off + state_len)
+    return Snapshot(tokens=tokens, state=state, logits=logits)

@@ -120,14 +120,23 @@ def test_returning_agent_evaluates_only_the_new_suffix(llm, tmp_path):
     assert turn.prompt_tokens_restored >= n_history - 1
 
 
-def test_resume_with_same_prompt_replays_one_token(llm, tmp_path):
-    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
-        prompt = "Notes: " + " ".join(f"item {i} is ready." for i in range(150))
-        mem.create_completion("a", prompt, max_tokens=1, temperature=0)
+def test_resume_samples_carried_logits_without_replay(llm, tmp_path):
+    """An agent resumed with exactly its history samples at once, like a never-evicted one."""
+    prompt = "Notes: " + " ".join(f"item {i} is ready." for i in range(150))
+    llm.reset()
+    llm.create_completion(prompt, max_tokens=4, temperature=0)
+    history = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+    ref = llm.create_completion(history, max_tokens=6, temperature=0)["choices"][0]["text"]
+    ref_logits = last_logits(llm)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        mem.create_completion("a", prompt, max_tokens=4, temperature=0)
         mem.create_completion("b", "Hi", max_tokens=1, temperature=0)
-        mem.create_completion("a", prompt, max_tokens=1, temperature=0)
-        assert mem.last_turn.source == "ram"
-        assert mem.last_turn.prompt_tokens_evaluated == 1
+        out = mem.create_completion("a", history, max_tokens=6, temperature=0)
+        turn = mem.last_turn
+    assert turn.source == "disk"
+    assert turn.prompt_tokens_evaluated == 0
+    assert out["choices"][0]["text"] == ref
+    assert np.array_equal(last_logits(llm), ref_logits)
 
 
 def test_divergence_before_the_swa_window_prefills_correctly(llm, tmp_path):
