@@ -188,8 +188,8 @@ class Engine:
         self.clear()
         if n == 0:
             return
-        ptr, _keep = _ptr(blob)
-        read = llama_cpp.llama_state_seq_set_data(self.llm.ctx, ptr, len(_keep), _SEQ)
+        ptr, view = _ptr(blob)  # view keeps the buffer alive during the call
+        read = llama_cpp.llama_state_seq_set_data(self.llm.ctx, ptr, view.nbytes, _SEQ)
         if read == 0:
             self.clear()
             raise RestoreFailed("llama.cpp refused the sequence state (shape or type mismatch)")

@@ -155,6 +155,7 @@ class AgentMemory:
         self._last_used: Dict[str, float] = {}
         self._live: Optional[str] = None
         self._live_saved: Optional[Snapshot] = None  # snapshot of the live state, if current
+        self._live_size = 0  # last measured size of the live state (agents())
         self._turn_record: Optional[TurnRecord] = None
         self.last_turn: Optional[TurnRecord] = None
         self._engine.install()
@@ -204,7 +205,12 @@ class AgentMemory:
             s = replace(self._stats, hits=dict(self._stats.hits))
         s.ram_bytes = self._ram.nbytes
         s.disk_bytes = self._store.nbytes
-        s.agents = len(self.agents())
+        ids = {m.agent_id for m in self._store.manifests()
+               if m.fingerprint == self._fingerprint.hex()}
+        ids.update(aid for aid, _ in self._ram.items())
+        if self._live is not None:
+            ids.add(self._live)
+        s.agents = len(ids)
         return s
 
     def agents(self) -> List[AgentInfo]:
@@ -218,9 +224,21 @@ class AgentMemory:
                                    self._last_used.get(aid, 0.0))
         live = self._live
         if live is not None:
-            infos[live] = AgentInfo(live, self._engine.n_tokens, "live", self._engine.state_size(),
+            infos[live] = AgentInfo(live, self._engine.n_tokens, "live", self._live_nbytes(),
                                     self._last_used.get(live, 0.0))
         return [infos[k] for k in sorted(infos)]
+
+    def _live_nbytes(self) -> int:
+        """Size of the live agent's state; measured only by a thread that may touch the context
+        (another thread may be decoding in it), else the last size measured."""
+        if self._owner == threading.get_ident():
+            self._live_size = self._engine.state_size()
+        elif self._lock.acquire(blocking=False):
+            try:
+                self._live_size = self._engine.state_size()
+            finally:
+                self._lock.release()
+        return self._live_size
 
     def evict(self, agent_id: str) -> None:
         """Move the agent's KV out of the context and RAM to disk (waits for the write)."""

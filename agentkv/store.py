@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import diskcache
 import xxhash
@@ -185,9 +185,6 @@ class DiskStore:
         with self._lock:
             return self._index.get(agent_id)
 
-    def __contains__(self, agent_id: str) -> bool:
-        return agent_id in self._index
-
     # -- writes ---------------------------------------------------------------------------
 
     def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes) -> Tuple[Optional[Manifest], int]:
@@ -288,11 +285,6 @@ class DiskStore:
         value = compute(path)
         self._cache.set(key, value.encode("ascii"))
         return value
-
-    def iter_payload_keys(self) -> Iterator[str]:
-        for key in self._cache.iterkeys():
-            if isinstance(key, str) and key.startswith("kv/"):
-                yield key
 
     def close(self) -> None:
         self._cache.close()

@@ -139,38 +139,40 @@ def test_resume_samples_carried_logits_without_replay(llm, tmp_path):
     assert np.array_equal(last_logits(llm), ref_logits)
 
 
-def test_divergence_before_the_swa_window_prefills_correctly(llm, tmp_path):
-    """A prompt that rewrites history further back than the stored SWA window reaches."""
-    history = "Log: " + " ".join(f"event {i} passed." for i in range(200))
-    rewritten = history[:200] + " a different ending, long enough to matter." * 3
-    llm.reset()
-    cold = llm.create_completion(rewritten, max_tokens=12, temperature=0)
-    cold_logits = last_logits(llm)
+HISTORY = "Log: " + " ".join(f"event {i} passed." for i in range(200))
+
+
+def rewrite_after_restore(llm, tmp_path, rewritten):
+    """Evict an agent holding HISTORY to disk, then send ``rewritten``; return (text, turn)."""
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        mem.create_completion("a", history, max_tokens=1, temperature=0)
+        mem.create_completion("a", HISTORY, max_tokens=1, temperature=0)
         mem.evict("a")
         out = mem.create_completion("a", rewritten, max_tokens=12, temperature=0)
-        turn = mem.last_turn
+        return out["choices"][0]["text"], mem.last_turn
+
+
+def test_divergence_before_the_swa_window_prefills_correctly(llm, tmp_path):
+    """A prompt that rewrites history further back than the stored SWA window reaches."""
+    rewritten = HISTORY[:200] + " a different ending, long enough to matter." * 3
+    llm.reset()
+    cold = llm.create_completion(rewritten, max_tokens=12, temperature=0)["choices"][0]["text"]
+    cold_logits = last_logits(llm)
+    text, turn = rewrite_after_restore(llm, tmp_path, rewritten)
     assert turn.source == "disk"
     assert turn.prompt_tokens_evaluated == len(llm.tokenize(rewritten.encode()))
-    assert out["choices"][0]["text"] == cold["choices"][0]["text"]
+    assert text == cold
     assert np.array_equal(last_logits(llm), cold_logits)
 
 
 def test_shallow_rewrite_after_restore_stays_exact(llm, tmp_path):
     """Rewriting the last few tokens (within the stored margin) continues from the restore."""
-    history = "Log: " + " ".join(f"event {i} passed." for i in range(200))
-    rewritten = history[:-40] + " and then everything stopped."
+    rewritten = HISTORY[:-40] + " and then everything stopped."
     llm.reset()
-    llm.create_completion(history, max_tokens=1, temperature=0)
-    ref = llm.create_completion(rewritten, max_tokens=12, temperature=0)
+    llm.create_completion(HISTORY, max_tokens=1, temperature=0)
+    ref = llm.create_completion(rewritten, max_tokens=12, temperature=0)["choices"][0]["text"]
     ref_logits = last_logits(llm)
-    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        mem.create_completion("a", history, max_tokens=1, temperature=0)
-        mem.evict("a")
-        out = mem.create_completion("a", rewritten, max_tokens=12, temperature=0)
-        turn = mem.last_turn
+    text, turn = rewrite_after_restore(llm, tmp_path, rewritten)
     assert turn.source == "disk"
     assert turn.prompt_tokens_evaluated < 30
-    assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+    assert text == ref
     assert np.array_equal(last_logits(llm), ref_logits)
