@@ -56,11 +56,13 @@ class MemoryConfig:
         ram_budget: bytes of snapshots kept in RAM, the live agent excluded; 0 sends every
             returning agent through disk.
         disk_budget: bytes of KV payloads kept on disk; the least recently used agents go first.
+        block_tokens: positions per stored block (the unit of sharing and incremental saves).
     """
 
     cache_dir: Path
     ram_budget: int
     disk_budget: int
+    block_tokens: int = 256
 
     @classmethod
     def create(
@@ -68,11 +70,16 @@ class MemoryConfig:
         cache_dir: Union[str, Path],
         ram_budget: SizeLike,
         disk_budget: SizeLike,
+        block_tokens: int = 256,
     ) -> "MemoryConfig":
         if not isinstance(cache_dir, (str, Path)) or str(cache_dir) == "":
             raise ConfigError(f"cache_dir must be a path, not {cache_dir!r}")
+        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or \
+                not 16 <= block_tokens <= 65536:
+            raise ConfigError(f"block_tokens must be an int in 16..65536, not {block_tokens!r}")
         return cls(
             cache_dir=Path(cache_dir).expanduser(),
             ram_budget=parse_size(ram_budget, "ram_budget"),
             disk_budget=parse_size(disk_budget, "disk_budget"),
+            block_tokens=block_tokens,
         )

@@ -76,6 +76,13 @@ class Engine:
         self._scratch = np.empty(0, dtype=np.uint8)
         self._has_outputs = False  # the context has decoded at least once: it has a logits row
         self.on_prompt: Optional[Callable[[int, int], None]] = None  # (evaluated, reused)
+        self.block_tokens = 1  # snapshots keep the SWA window from a multiple of this
+        # Shared prefixes (set by AgentMemory): on_cold_prompt(prompt[:-1]) may restore a
+        # stored prefix into an empty context; plan_cut(prompt[:-1], reuse) names a position
+        # to evaluate up to first, where on_cut(position) stores the shared prefix.
+        self.on_cold_prompt: Optional[Callable[[np.ndarray], None]] = None
+        self.plan_cut: Optional[Callable[[np.ndarray, int], int]] = None
+        self.on_cut: Optional[Callable[[int], None]] = None
 
     # -- identity -------------------------------------------------------------------------
 
@@ -146,12 +153,13 @@ class Engine:
             raise RestoreFailed(f"llama_state_seq_get_data wrote {written} of {size} bytes")
         return buf
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, margin: int = SWA_MARGIN) -> Snapshot:
         """The live tokens and the sequence state of their KV.
 
-        For an SWA model the SWA layers keep ``SWA_MARGIN`` positions more than their window,
-        so that a prompt which rewrites the last few tokens of the history (a chat template
-        re-rendering the previous answer) still continues exactly after a restore.
+        For an SWA model the SWA layers keep at least ``margin`` positions more than the window
+        the next token needs (from a multiple of ``block_tokens``), so that a prompt which
+        rewrites the last few tokens of the history (a chat template re-rendering the previous
+        answer) still continues exactly after a restore.
         """
         llm = self.llm
         n = int(llm.n_tokens)
@@ -162,7 +170,8 @@ class Engine:
         if n > 0 and not llm._requires_eval:  # the context's logits are this history's
             logits = self.last_logits()
             self._has_outputs = True
-        keep_from = max(0, n - self.n_swa - SWA_MARGIN, self._floor)
+        B = max(1, self.block_tokens)
+        keep_from = max(0, self._floor, (max(0, n - self.n_swa + 1 - margin) // B) * B)
         if self.n_swa > 0 and keep_from > 0:
             whole = self._state(-1, scratch=True)  # every cell, SWA-masked ones included
             try:
@@ -257,6 +266,8 @@ class Engine:
         llm = self.llm
         tokens = list(tokens)
         reset = kwargs.get("reset", args[6] if len(args) > 6 else True)
+        if reset and len(tokens) > 1 and int(llm.n_tokens) == 0 and self.on_cold_prompt is not None:
+            self.on_cold_prompt(np.asarray(tokens[:-1], dtype=np.int32))
         n = int(llm.n_tokens)
         reuse = 0
         if reset and n > 0:
@@ -275,4 +286,14 @@ class Engine:
                     reuse = 0
         if self.on_prompt is not None:
             self.on_prompt(len(tokens) - reuse, reuse)
+        if reset and self.plan_cut is not None and len(tokens) > 1:
+            cut = self.plan_cut(np.asarray(tokens[:-1], dtype=np.int32), reuse)
+            if reuse < cut < len(tokens):
+                # Evaluate up to the cut as its own segment and store the shared prefix there;
+                # generate then prefix-matches it and evaluates the rest.
+                llm.n_tokens = reuse
+                llm._ctx.kv_cache_seq_rm(-1, reuse, -1)
+                llm.eval(tokens[reuse:cut])
+                if self.on_cut is not None:
+                    self.on_cut(cut)
         return Llama.generate(llm, tokens, *args, **kwargs)

@@ -133,16 +133,23 @@ class AgentMemory:
         llm: the ``llama_cpp.Llama`` to wrap; keep calling its API inside ``agent()`` blocks.
         cache_dir: folder of the disk tier; reopen it to find the agents again.
         ram_budget: bytes (or "512MiB") of evicted agents' snapshots kept in RAM.
-        disk_budget: bytes (or "20GiB") of snapshots kept on disk.
+        disk_budget: bytes (or "20GiB") of KV kept on disk.
+        block_tokens: positions per stored block: the unit of sharing and of incremental
+            saves (a save writes the blocks completed since the last one, plus a tail).
+        share_prefixes: restore a new agent from the longest stored prefix of its prompt
+            (another agent's blocks count), and store a prefix that agents share, with the
+            window an SWA model needs, the first time a second agent evaluates it.
     """
 
     def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
-                 ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB") -> None:
+                 ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB",
+                 block_tokens: int = 256, share_prefixes: bool = True) -> None:
         self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
-        self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget)
+        self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
         self._closed = True  # until the end of __init__
         self._take_over(llm)
-        self._store = DiskStore(self._config.cache_dir, self._config.disk_budget)
+        self._store = DiskStore(self._config.cache_dir, self._config.disk_budget,
+                                self._config.block_tokens)
         self._fingerprint = self._engine.fingerprint(
             self._store.model_hash(self._engine.model_path, hash_file))
         self._ram = RamTier(self._config.ram_budget)
@@ -161,6 +168,11 @@ class AgentMemory:
         self._engine.install()
         self._engine.clear()  # whatever the Llama held belongs to no agent
         self._engine.on_prompt = self._count_prompt
+        self._engine.block_tokens = self._config.block_tokens
+        if share_prefixes:
+            self._engine.on_cold_prompt = self._restore_prefix
+            self._engine.plan_cut = self._plan_cut
+            self._engine.on_cut = self._store_cut
         self._writer = WriteBehind(self._persist)
         self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", self._config.cache_dir,
@@ -205,8 +217,7 @@ class AgentMemory:
             s = replace(self._stats, hits=dict(self._stats.hits))
         s.ram_bytes = self._ram.nbytes
         s.disk_bytes = self._store.nbytes
-        ids = {m.agent_id for m in self._store.manifests()
-               if m.fingerprint == self._fingerprint.hex()}
+        ids = {m.name for m, _ in self._store.agents() if m.fingerprint == self._fingerprint.hex()}
         ids.update(aid for aid, _ in self._ram.items())
         if self._live is not None:
             ids.add(self._live)
@@ -216,9 +227,9 @@ class AgentMemory:
     def agents(self) -> List[AgentInfo]:
         """Every agent held, live, in RAM or on disk (this fingerprint), sorted by id."""
         infos: Dict[str, AgentInfo] = {}
-        for m in self._store.manifests():
+        for m, nbytes in self._store.agents():
             if m.fingerprint == self._fingerprint.hex():
-                infos[m.agent_id] = AgentInfo(m.agent_id, m.n_tokens, "disk", m.nbytes, m.last_used)
+                infos[m.name] = AgentInfo(m.name, m.n_tokens, "disk", nbytes, m.last_used)
         for aid, snap in self._ram.items():
             infos[aid] = AgentInfo(aid, snap.n_tokens, "ram", snap.nbytes,
                                    self._last_used.get(aid, 0.0))
@@ -251,7 +262,7 @@ class AgentMemory:
             if self._ram.pop(agent_id) is not None:
                 known = True
             self._writer.wait(agent_id)
-            if not known and self._store.manifest(agent_id) is None:
+            if not known and not self._store.has_agent(agent_id):
                 raise UnknownAgent(f"no agent {agent_id!r} in this memory")
 
     def forget(self, agent_id: str) -> None:
@@ -470,8 +481,61 @@ class AgentMemory:
                 self._stats.save_seconds += time.perf_counter() - t0
         self._writer.drain()
 
-    def _persist(self, agent_id: str, snap: Snapshot, generation: int) -> None:
+    # -- shared prefixes ------------------------------------------------------------------
+
+    def _restore_prefix(self, prompt: Any) -> None:
+        """Engine hook, cold context: restore the longest stored prefix of the prompt."""
+        record = self._turn_record
+        if record is None or record.source != "cold" or record._generates:
+            return
+        self._writer.drain()  # a state on its way to disk may hold the prefix
+        t0 = time.perf_counter()
+        try:
+            snap, nread = self._store.find_prefix(prompt, self._fingerprint, self._engine.n_swa)
+            if snap is None:
+                return
+            self._engine.restore(snap)
+        except (CorruptEntry, FingerprintMismatch, RestoreFailed, OSError) as exc:
+            log.warning("agent %r: a stored prefix failed its checks (%s); prefilling",
+                        record.agent_id, exc)
+            self._engine.clear()
+            with self._state_lock:
+                self._stats.rejected += 1
+            return
+        dt = time.perf_counter() - t0
+        record.source = "prefix"
+        record.restore_seconds += dt
+        with self._state_lock:
+            self._stats.hits["cold"] -= 1
+            self._stats.hits["prefix"] += 1
+            self._stats.bytes_read += nread
+            self._stats.restore_seconds += dt
+
+    def _plan_cut(self, prompt: Any, reuse: int) -> int:
+        """Engine hook: where to store a prefix this prompt shares with stored states."""
+        B = self._config.block_tokens
+        if (len(prompt) // B) * B <= reuse:
+            return 0  # the evaluation ahead completes no block
+        self._writer.drain()
+        return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa)
+
+    def _store_cut(self, n_tokens: int) -> None:
+        """Engine hook: the context holds a shared prefix of ``n_tokens``; store it."""
+        t0 = time.perf_counter()
+        snap = self._engine.snapshot(margin=0)
+        self._writer.submit(("cut", n_tokens), snap, 0)
+        with self._state_lock:
+            self._stats.save_seconds += time.perf_counter() - t0
+
+    def _persist(self, agent_id: Any, snap: Snapshot, generation: int) -> None:
         """Writer thread: put the snapshot on disk unless a newer one or a forget superseded it."""
+        if isinstance(agent_id, tuple):  # a shared prefix
+            t0 = time.perf_counter()
+            written = self._store.put_cut(snap, self._fingerprint)
+            with self._state_lock:
+                self._stats.bytes_written += written
+                self._stats.save_seconds += time.perf_counter() - t0
+            return
         with self._state_lock:
             if self._wanted.get(agent_id) != generation:
                 return

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import CorruptEntry
 
-__all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front"]
+__all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
+           "StreamShape", "Shape", "Piece", "shape_of", "split", "assemble"]
 
 SEQ_MAGIC = 0xAF143CD8
 _MAX_STREAMS = 256  # LLAMA_MAX_SEQ
@@ -271,4 +272,248 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
         else:  # transposed V: rows are embedding dims, cells along each row
             o, i = copy_rows(o, i, span.n_embd, span.el_size)
     out[o:] = src[i:]
+    return out
+
+
+# -- split into token blocks / assemble back ----------------------------------------------------
+#
+# A blob is its *shape* (the seq id and, per cache and stream, the layer headers) plus, per
+# stream, a run of cells with one row of bytes per cell in every tensor. A :class:`Piece` is a
+# cell range of one stream with all of its bytes: the raw cell records, then each K layer's
+# rows, then each V layer's rows (a transposed V layer contributes its ``n_embd`` rows' slices
+# for the range, one after another). Cutting a stream into pieces and concatenating them back
+# in order restores the blob byte for byte; nothing else is in the format.
+
+
+@dataclass(frozen=True)
+class StreamShape:
+    """The layer headers of one non-empty stream.
+
+    ``k`` holds (type, row_size) per layer; ``v`` holds (type, row_size) per layer, or
+    (type, el_size, n_embd) when ``v_trans``.
+    """
+
+    v_trans: bool
+    k: Tuple[Tuple[int, int], ...]
+    v: Tuple[Tuple[int, ...], ...]
+
+    @property
+    def data_per_cell(self) -> int:
+        """Tensor bytes one cell owns across all layers."""
+        k = sum(row for _, row in self.k)
+        v = sum(el * n for _, el, n in self.v) if self.v_trans else sum(row for _, row in self.v)
+        return k + v
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"v_trans": self.v_trans, "k": [list(x) for x in self.k], "v": [list(x) for x in self.v]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "StreamShape":
+        try:
+            v_trans = d["v_trans"]
+            k = tuple((int(t), int(r)) for t, r in d["k"])
+            v = tuple(tuple(int(x) for x in row) for row in d["v"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptEntry(f"stream shape does not parse: {exc}") from exc
+        if not isinstance(v_trans, bool) or not k or len(v) != len(k) or \
+                any(len(row) != (3 if v_trans else 2) for row in v):
+            raise CorruptEntry("stream shape is inconsistent")
+        return cls(v_trans, k, v)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything of a blob but its cells and tensor rows: ``caches[c][s]`` is the shape of
+    stream ``s`` of cache ``c`` (None where that stream is empty)."""
+
+    seq_id: int
+    caches: Tuple[Tuple[Optional[StreamShape], ...], ...]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"seq_id": self.seq_id,
+                "caches": [[None if s is None else s.to_json() for s in c] for c in self.caches]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Shape":
+        try:
+            seq_id = int(d["seq_id"])
+            caches = tuple(tuple(None if s is None else StreamShape.from_json(s) for s in c)
+                           for c in d["caches"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptEntry(f"state shape does not parse: {exc}") from exc
+        if not caches or len(caches) > 8 or any(not 0 < len(c) <= _MAX_STREAMS for c in caches):
+            raise CorruptEntry("state shape has an impossible cache or stream count")
+        return cls(seq_id, caches)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of ``count`` cells of stream ``stream`` of cache ``cache``, first position
+    ``pos0``, with its bytes: ``cells_len`` bytes of cell records, then the tensor rows."""
+
+    cache: int
+    stream: int
+    pos0: int
+    count: int
+    cells_len: int
+    data: Any  # a contiguous uint8 buffer
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+
+def _stream_shape(st: StreamSection) -> StreamShape:
+    k = tuple((sp.type, sp.row_size) for sp in st.k)
+    if st.v_trans:
+        v: Tuple[Tuple[int, ...], ...] = tuple((sp.type, sp.el_size, sp.n_embd) for sp in st.v)
+    else:
+        v = tuple((sp.type, sp.row_size) for sp in st.v)
+    return StreamShape(st.v_trans, k, v)
+
+
+def shape_of(state: SeqState) -> Shape:
+    return Shape(state.seq_id, tuple(tuple(None if s is None else _stream_shape(s) for s in c.streams)
+                                      for c in state.caches))
+
+
+def _cuts(st: StreamSection, block_tokens: int) -> List[int]:
+    """Cell indices where a stream is cut: where positions cross a multiple of block_tokens.
+    Streams that are not simple and contiguous stay whole."""
+    n = st.cell_count
+    if block_tokens <= 0 or not st.simple_cells or not st.is_contiguous:
+        return [0, n]
+    first = st.pos_min
+    cuts = [0]
+    nxt = (first // block_tokens + 1) * block_tokens
+    while nxt - first < n:
+        cuts.append(nxt - first)
+        nxt += block_tokens
+    cuts.append(n)
+    return cuts
+
+
+def _cell_offsets(blob: np.ndarray, start: int, st: StreamSection, ext_size: int) -> np.ndarray:
+    """Byte offset of every cell record (and one past the last), relative to ``start``."""
+    if st.simple_cells:
+        return np.arange(st.cell_count + 1, dtype=np.int64) * 12
+    offs = np.empty(st.cell_count + 1, dtype=np.int64)
+    off = 0
+    for i in range(st.cell_count):
+        offs[i] = off
+        n_seq = int(np.frombuffer(blob, dtype="<u4", count=1, offset=start + off + 4)[0])
+        off += 8 + ext_size + 4 * n_seq
+    offs[-1] = off
+    return offs
+
+
+def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
+          ext_size: int = 0) -> Tuple[Shape, List[Piece]]:
+    """Cut ``blob`` into pieces along multiples of ``block_tokens`` positions.
+
+    Returns the blob's shape and its pieces in blob order; :func:`assemble` of the two gives
+    ``blob`` back byte for byte. A piece covers a whole token block when ``pos0`` is a
+    multiple of ``block_tokens`` and ``count == block_tokens``; the first and last piece of a
+    stream may be partial. Streams that are not a simple, contiguous run stay one piece.
+    """
+    src = np.frombuffer(blob, dtype=np.uint8)
+    if state is None:
+        state = parse(src, ext_size)
+    pieces: List[Piece] = []
+    for ci, cache in enumerate(state.caches):
+        # Stream sections are contiguous in the blob: the cells start 4 bytes after the
+        # stream's cell_count, which follows the cache's n_stream (and earlier streams).
+        off = cache.start + 4
+        for si, st in enumerate(cache.streams):
+            off += 4  # cell_count
+            if st is None:
+                continue
+            offs = _cell_offsets(src, off, st, ext_size)
+            cells_start = off
+            spans = st.k + st.v
+            for a, b in zip((cuts := _cuts(st, block_tokens))[:-1], cuts[1:]):
+                parts = [src[cells_start + offs[a]: cells_start + offs[b]]]
+                for sp in spans:
+                    if sp.el_size == 0:
+                        parts.append(src[sp.start + a * sp.row_size: sp.start + b * sp.row_size])
+                    else:
+                        rows = src[sp.start:sp.end].reshape(sp.n_embd, st.cell_count * sp.el_size)
+                        parts.append(rows[:, a * sp.el_size: b * sp.el_size].reshape(-1))
+                pieces.append(Piece(ci, si, int(st.pos[a]), b - a, int(offs[b] - offs[a]),
+                                    np.concatenate(parts)))
+            off = (spans[-1].end if spans else cells_start + int(offs[-1]))
+    return shape_of(state), pieces
+
+
+def assemble(shape: Shape, pieces: Sequence[Piece]) -> np.ndarray:
+    """The blob made of ``shape`` and ``pieces`` (each stream's pieces in position order).
+
+    Raises CorruptEntry when the pieces do not fit the shape (wrong stream, wrong size).
+    """
+    by_stream: Dict[Tuple[int, int], List[Piece]] = {}
+    for p in pieces:
+        if not 0 <= p.cache < len(shape.caches) or not 0 <= p.stream < len(shape.caches[p.cache]):
+            raise CorruptEntry(f"piece names cache {p.cache} stream {p.stream}, not in the shape")
+        sh = shape.caches[p.cache][p.stream]
+        if sh is None or p.count <= 0 or p.cells_len < 0 or \
+                p.nbytes != p.cells_len + p.count * sh.data_per_cell:
+            raise CorruptEntry(f"piece of {p.count} cells has {p.nbytes} bytes; its stream's "
+                               "shape wants another size")
+        by_stream.setdefault((p.cache, p.stream), []).append(p)
+    total = 8
+    for ci, streams in enumerate(shape.caches):
+        total += 4
+        for si, sh in enumerate(streams):
+            total += 4
+            ps = by_stream.get((ci, si), [])
+            if sh is not None and ps:
+                total += 8 + 12 * len(sh.k) + 12 * len(sh.v) + sum(p.nbytes for p in ps)
+    out = np.empty(total, dtype=np.uint8)
+    o = 0
+
+    def put(raw: Any) -> None:
+        nonlocal o
+        arr = np.frombuffer(raw, dtype=np.uint8)
+        out[o:o + arr.size] = arr
+        o += arr.size
+
+    put(struct.pack("<Ii", SEQ_MAGIC, shape.seq_id))
+    for ci, streams in enumerate(shape.caches):
+        put(struct.pack("<I", len(streams)))
+        for si, sh in enumerate(streams):
+            ps = by_stream.get((ci, si), [])
+            if sh is None or not ps:
+                put(struct.pack("<I", 0))
+                continue
+            n = sum(p.count for p in ps)
+            put(struct.pack("<I", n))
+            datas = [np.frombuffer(p.data, dtype=np.uint8) for p in ps]
+            for p, d in zip(ps, datas):
+                put(d[:p.cells_len])
+            put(struct.pack("<II", int(sh.v_trans), len(sh.k)))
+            offs = [p.cells_len for p in ps]  # read cursor inside each piece
+            for t, row in sh.k:
+                put(struct.pack("<iQ", t, row))
+                for j, (p, d) in enumerate(zip(ps, datas)):
+                    put(d[offs[j]: offs[j] + p.count * row])
+                    offs[j] += p.count * row
+            for hdr in sh.v:
+                if sh.v_trans:
+                    t, el, n_embd = hdr
+                    put(struct.pack("<iII", t, el, n_embd))
+                    dst = out[o: o + n_embd * n * el].reshape(n_embd, n * el)
+                    col = 0
+                    for j, (p, d) in enumerate(zip(ps, datas)):
+                        w = p.count * el
+                        dst[:, col:col + w] = d[offs[j]: offs[j] + n_embd * w].reshape(n_embd, w)
+                        offs[j] += n_embd * w
+                        col += w
+                    o += n_embd * n * el
+                else:
+                    t, row = hdr
+                    put(struct.pack("<iQ", t, row))
+                    for j, (p, d) in enumerate(zip(ps, datas)):
+                        put(d[offs[j]: offs[j] + p.count * row])
+                        offs[j] += p.count * row
+    assert o == total
     return out

@@ -1,44 +1,56 @@
-"""The disk tier: checksummed snapshot payloads and agent manifests on diskcache.
+"""The disk tier: content-addressed token blocks, agent manifests and shared cuts on diskcache.
 
-Layout of the diskcache under ``cache_dir`` (keys are strings, values raw bytes)::
+Layout of the diskcache under ``cache_dir`` (keys are strings, values raw bytes; blocks.py has
+the payload formats)::
 
-    kv/<xxh3-128 hex>      a snapshot payload (snapshot.py), named by its own digest
-    agent/<xxh3-128 hex>   an agent's manifest (JSON): its id, its payload key, size, fingerprint
+    blk/<xxh3-128 hex>     one cache's KV for one token block, named by its own digest
+    kv/<xxh3-128 hex>      an agent's tail: partial block, tokens, logits, shape, state digest
+    agent/<xxh3-128 hex>   an agent's manifest (JSON record): chain keys, block keys, tail key
+    cut/<chain key hex>    a shared prefix (JSON record) stored with its SWA window
     model/<xxh3-128 hex>   a cached content hash of a GGUF file, keyed by path, size and mtime
+    lock/store             the cross-process write lock (expires, so a killed holder frees it)
 
-Agent ids are hashed into keys, and diskcache names its files at random, so no id ever becomes a
-path. Write order makes a crash harmless: diskcache writes the payload file before it commits
-the row, and the manifest that points at a payload is written after the payload; a torn payload
-fails its digest anyway. Reads never unpickle: :class:`SafeDisk` refuses any row that is not
-raw bytes under a string key.
+Saves are incremental: a block whose key is already stored is not written again, so a save
+writes the blocks completed since the last one plus the tail. Equal blocks of different
+agents (a shared system prompt) are stored once.
 
-The budget is a byte-counted LRU over agents: the index of manifests is loaded once at open
-and kept in step with every write, so the store never scans for its size.
+Crash safety: a save writes blocks, then the tail, then the record; diskcache commits a row
+only after its file is written. A process killed in the middle leaves unreferenced blocks
+(collected later), never a record pointing at missing or half-written data. Reads are
+lock-free and check everything (digests, chain keys, the assembled state's digest).
+
+Collection: payloads no record references are deleted. Records of other processes count:
+before deleting, the collector re-reads every record on disk under the cross-process lock,
+which every writer also holds from its first block to its record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import diskcache
+import numpy as np
 import xxhash
 
+from . import state as seqstate
+from .blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
+                     encode_tail, state_digest)
 from .errors import CorruptEntry, FingerprintMismatch
-from .snapshot import Snapshot, content_key, decode, encode
+from .snapshot import Snapshot
 
-__all__ = ["DiskStore", "Manifest", "SafeDisk", "agent_key"]
+__all__ = ["DiskStore", "SafeDisk", "agent_key"]
 
 log = logging.getLogger(__name__)
 
-_MANIFEST_VERSION = 1
+_LOCK_KEY = "lock/store"
+_LOCK_EXPIRE = 30.0  # seconds; a holder killed mid-write frees the lock after this
+_LOCK_TIMEOUT = 120.0
 
 
 class SafeDisk(diskcache.Disk):
@@ -67,205 +79,435 @@ def agent_key(agent_id: str) -> str:
     return "agent/" + xxhash.xxh3_128_hexdigest(agent_id.encode("utf-8", "surrogatepass"))
 
 
-@dataclass
-class Manifest:
-    """Where an agent's KV lives on disk.
-
-    Attributes:
-        agent_id: the agent's id, as given.
-        kv: the store key of its payload.
-        n_tokens: tokens the payload holds.
-        nbytes: size of the payload.
-        fingerprint: hex of the fingerprint it was written under.
-        saved_at: wall-clock time of the write.
-        last_used: wall-clock time of the last write or read (in memory; saved with writes).
-    """
-
-    agent_id: str
-    kv: str
-    n_tokens: int
-    nbytes: int
-    fingerprint: str
-    saved_at: float
-    last_used: float
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({
-            "v": _MANIFEST_VERSION, "agent": self.agent_id, "kv": self.kv,
-            "n_tokens": self.n_tokens, "nbytes": self.nbytes, "fp": self.fingerprint,
-            "saved_at": self.saved_at,
-        }).encode("utf-8", "surrogatepass")
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> "Manifest":
-        try:
-            d = json.loads(raw.decode("utf-8", "surrogatepass"))
-            if d.get("v") != _MANIFEST_VERSION:
-                raise CorruptEntry(f"manifest version {d.get('v')!r} is not supported")
-            m = cls(agent_id=d["agent"], kv=d["kv"], n_tokens=int(d["n_tokens"]),
-                    nbytes=int(d["nbytes"]), fingerprint=d["fp"], saved_at=float(d["saved_at"]),
-                    last_used=float(d["saved_at"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptEntry(f"manifest does not parse: {exc}") from exc
-        if not isinstance(m.agent_id, str) or not isinstance(m.kv, str) or not m.kv.startswith("kv/"):
-            raise CorruptEntry("manifest fields have the wrong types")
-        return m
+def _record_key(r: Record) -> str:
+    return agent_key(r.name) if r.kind == "agent" else "cut/" + r.name
 
 
 class DiskStore:
-    """Snapshots on disk, one manifest per agent, under a byte budget."""
+    """Blocks, tails and records on disk under a byte budget (LRU over records).
 
-    def __init__(self, directory: Path, budget: int) -> None:
+    Args:
+        directory: the cache folder.
+        budget: bytes of payloads (blocks and tails) to keep.
+        block_tokens: positions per block.
+    """
+
+    def __init__(self, directory: Path, budget: int, block_tokens: int = 256) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.budget = budget
+        self.block_tokens = block_tokens
         self._cache = diskcache.Cache(
             str(directory), disk=SafeDisk, eviction_policy="none", size_limit=1 << 62,
             cull_limit=0, statistics=False, tag_index=False)
         self._lock = threading.RLock()
-        self._index: "OrderedDict[str, Manifest]" = OrderedDict()  # LRU first
-        self._refs: Dict[str, int] = {}  # payload key -> manifests pointing at it
+        self._records: "OrderedDict[str, Record]" = OrderedDict()  # record key -> record, LRU first
+        self._refs: Dict[str, int] = {}  # payload key -> records holding it
         self._sizes: Dict[str, int] = {}  # payload key -> bytes
         self._bytes = 0
-        self._load_index()
+        self._seen_len = -1
+        with self._lock:
+            self._refresh(force=True)
 
-    # -- index ----------------------------------------------------------------------------
+    # -- the in-memory index --------------------------------------------------------------
 
-    def _load_index(self) -> None:
-        found: List[Manifest] = []
+    def _scan(self) -> Dict[str, Record]:
+        """Every readable record on disk, by key."""
+        found: Dict[str, Record] = {}
         for key in list(self._cache.iterkeys()):
-            if not isinstance(key, str) or not key.startswith("agent/"):
+            if not isinstance(key, str) or not key.startswith(("agent/", "cut/")):
                 continue
             try:
                 raw = self._cache.get(key)
                 if raw is None:
                     continue
-                m = Manifest.from_bytes(raw)
-                if agent_key(m.agent_id) != key:
-                    raise CorruptEntry("manifest is stored under another agent's key")
+                r = Record.from_bytes(raw)
+                if _record_key(r) != key:
+                    raise CorruptEntry("record is stored under another record's key")
             except CorruptEntry as exc:
-                log.warning("ignoring unreadable manifest %s: %s", key, exc)
+                log.warning("ignoring unreadable record %s: %s", key, exc)
                 continue
-            found.append(m)
-        for m in sorted(found, key=lambda m: m.saved_at):
-            self._index_add(m)
+            found[key] = r
+        return found
 
-    def _index_add(self, m: Manifest) -> None:
-        self._index[m.agent_id] = m
-        self._index.move_to_end(m.agent_id)
-        if self._refs.get(m.kv, 0) == 0:
-            self._sizes[m.kv] = m.nbytes
-            self._bytes += m.nbytes
-        self._refs[m.kv] = self._refs.get(m.kv, 0) + 1
+    def _refresh(self, force: bool = False) -> None:
+        """Bring the index in step with the disk (records of other processes included)."""
+        n = len(self._cache)
+        if not force and n == self._seen_len:
+            return
+        on_disk = self._scan()
+        for key in [k for k in self._records if k not in on_disk]:
+            self._index_remove(key)
+        for key, r in sorted(on_disk.items(), key=lambda kv: kv[1].saved_at):
+            old = self._records.get(key)
+            if old is None or old.to_bytes() != r.to_bytes():
+                if old is not None:
+                    r.last_used = max(r.last_used, old.last_used)
+                    self._index_remove(key)
+                self._index_add(key, r)
+        self._seen_len = len(self._cache)
 
-    def _index_remove(self, agent_id: str) -> Optional[str]:
-        """Drop the agent from the index; return its payload key if nothing else uses it."""
-        m = self._index.pop(agent_id, None)
-        if m is None:
-            return None
-        self._refs[m.kv] -= 1
-        if self._refs[m.kv] > 0:
-            return None
-        del self._refs[m.kv]
-        self._bytes -= self._sizes.pop(m.kv, 0)
-        return m.kv
+    def _size_of(self, key: str) -> int:
+        size = self._sizes.get(key)
+        if size is None:
+            try:
+                handle = self._cache.get(key, read=True)
+            except CorruptEntry:
+                handle = None
+            if handle is None:
+                return 0
+            try:
+                if isinstance(handle, bytes):
+                    size = len(handle)
+                else:
+                    size = os.fstat(handle.fileno()).st_size
+            finally:
+                if not isinstance(handle, bytes):
+                    handle.close()
+        return size
+
+    def _index_add(self, key: str, r: Record, sizes: Optional[Dict[str, int]] = None) -> None:
+        self._records[key] = r
+        self._records.move_to_end(key)
+        for k in r.keys():
+            if self._refs.get(k, 0) == 0:
+                size = (sizes or {}).get(k)
+                self._sizes[k] = self._size_of(k) if size is None else size
+                self._bytes += self._sizes[k]
+            self._refs[k] = self._refs.get(k, 0) + 1
+
+    def _index_remove(self, key: str) -> List[str]:
+        """Drop a record from the index; return the payload keys nothing else holds now."""
+        r = self._records.pop(key, None)
+        if r is None:
+            return []
+        freed = []
+        for k in r.keys():
+            self._refs[k] -= 1
+            if self._refs[k] == 0:
+                del self._refs[k]
+                self._bytes -= self._sizes.pop(k, 0)
+                freed.append(k)
+        return freed
+
+    # -- the cross-process write lock -----------------------------------------------------
+
+    def _acquire(self) -> bytes:
+        token = os.urandom(16)
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        while not self._cache.add(_LOCK_KEY, token, expire=_LOCK_EXPIRE):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the store lock of {self.directory} was not freed in "
+                                   f"{_LOCK_TIMEOUT:.0f} s")
+            time.sleep(0.002)
+        return token
+
+    def _release(self, token: bytes) -> None:
+        with self._cache.transact():
+            if self._cache.get(_LOCK_KEY) == token:
+                self._cache.delete(_LOCK_KEY)
+
+    def _collect(self, candidates: Iterable[str]) -> None:
+        """Delete the candidate payloads unless a record on disk still holds them.
+        Call with the write lock held."""
+        candidates = [k for k in candidates if k not in self._refs]
+        if not candidates:
+            return
+        held: Set[str] = set()
+        for r in self._scan().values():
+            held.update(r.keys())
+        for k in candidates:
+            if k not in held:
+                self._cache.delete(k)
 
     # -- queries --------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
-        """Bytes of payloads the store holds (the quantity the budget bounds)."""
+        """Bytes of payloads the indexed records hold (the quantity the budget bounds)."""
         return self._bytes
 
-    def manifests(self) -> List[Manifest]:
+    def agents(self) -> List[Tuple[Record, int]]:
+        """Agent manifests with the bytes each one's state takes on disk."""
         with self._lock:
-            return list(self._index.values())
+            return [(r, sum(self._sizes.get(k, 0) for k in r.keys()))
+                    for r in self._records.values() if r.kind == "agent"]
 
-    def manifest(self, agent_id: str) -> Optional[Manifest]:
+    def has_agent(self, agent_id: str) -> bool:
         with self._lock:
-            return self._index.get(agent_id)
+            return agent_key(agent_id) in self._records
 
     # -- writes ---------------------------------------------------------------------------
 
-    def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes) -> Tuple[Optional[Manifest], int]:
+    def _blocks_of(self, snap: Snapshot, fingerprint: bytes, whole_only: bool):
+        """Split a snapshot: (chain, shape, first, blocks [(key, payload)] per cache, tail
+        pieces). ``whole_only``: None unless the state is whole blocks only."""
+        B = self.block_tokens
+        parsed = seqstate.parse(snap.state)
+        shape, pieces = seqstate.split(snap.state, B, parsed)
+        chain = chain_keys(fingerprint, snap.tokens, B)
+        splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
+        first: List[int] = [0] * len(parsed.caches)
+        blocks: List[List[Tuple[str, bytes]]] = [[] for _ in parsed.caches]
+        rest = []
+        for p in pieces:
+            j = p.pos0 // B
+            whole = (splittable[p.cache] and p.pos0 % B == 0 and p.count == B and j < len(chain)
+                     and (not blocks[p.cache] or first[p.cache] + len(blocks[p.cache]) == j))
+            if whole:
+                if not blocks[p.cache]:
+                    first[p.cache] = j
+                payload, key = encode_block(p, chain[j], fingerprint)
+                blocks[p.cache].append(("blk/" + key, payload))
+            else:
+                rest.append(p)
+        if whole_only and rest:
+            return None
+        return chain, shape, first, blocks, rest
+
+    def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int]) -> int:
+        written = 0
+        for per_cache in blocks:
+            for key, payload in per_cache:
+                sizes[key] = len(payload)
+                if key not in self._cache:
+                    self._cache.set(key, payload)
+                    written += len(payload)
+        return written
+
+    def _commit(self, key: str, r: Record, sizes: Dict[str, int], keep: str) -> None:
+        """Write the record, swap it into the index, collect, and hold the budget.
+        Call with both locks held."""
+        self._cache.set(key, r.to_bytes())
+        freed = self._index_remove(key)
+        self._index_add(key, r, sizes)
+        while self._bytes > self.budget and len(self._records) > 1:
+            victim = next(k for k in self._records if k != keep)
+            log.info("disk budget: dropping %s (%d bytes held)", victim, self._bytes)
+            self._cache.delete(victim)
+            freed += self._index_remove(victim)
+        self._collect(freed)
+        self._seen_len = len(self._cache)
+
+    def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes) -> Tuple[Optional[Record], int]:
         """Persist ``snap`` as the agent's KV; return its manifest and the bytes written.
 
-        Returns ``(None, 0)`` when the payload alone exceeds the budget (logged).
+        Only blocks the store lacks are written, plus the tail. Returns ``(None, 0)`` when the
+        state alone exceeds the budget (logged).
         """
-        payload = encode(snap, fingerprint)
-        if len(payload) > self.budget:
+        chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, whole_only=False)
+        tail_payload, tail_key = encode_tail(
+            Tail(snap.tokens, snap.logits, shape, rest, state_digest(snap.state)), fingerprint)
+        total = len(tail_payload) + sum(len(p) for bs in blocks for _, p in bs)
+        if total > self.budget:
             log.warning("agent %r: %d bytes of KV exceed disk_budget=%d; not persisted",
-                        agent_id, len(payload), self.budget)
+                        agent_id, total, self.budget)
             self.drop(agent_id)
             return None, 0
-        kv = "kv/" + content_key(payload)
-        written = 0
-        if kv not in self._cache:
-            self._cache.set(kv, payload)
-            written = len(payload)
         now = time.time()
-        m = Manifest(agent_id, kv, snap.n_tokens, len(payload), fingerprint.hex(), now, now)
-        self._cache.set(agent_key(agent_id), m.to_bytes())  # the index row, written last
+        r = Record("agent", agent_id, snap.n_tokens, self.block_tokens, [c.hex() for c in chain],
+                   first, [[k for k, _ in bs] for bs in blocks], fingerprint.hex(), now,
+                   tail="kv/" + tail_key, shape=shape.to_json())
+        r.last_used = now
+        key = agent_key(agent_id)
         with self._lock:
-            old = self._index_remove(agent_id)
-            self._index_add(m)
-            if old is not None and old != kv:
-                self._cache.delete(old)
-            self._enforce_budget(keep=agent_id)
-        return m, written
+            token = self._acquire()
+            try:
+                sizes: Dict[str, int] = {}
+                written = self._write_blocks(blocks, sizes)
+                sizes[r.tail] = len(tail_payload)
+                if r.tail not in self._cache:
+                    self._cache.set(r.tail, tail_payload)
+                    written += len(tail_payload)
+                self._commit(key, r, sizes, keep=key)
+            finally:
+                self._release(token)
+        return r, written
 
-    def _enforce_budget(self, keep: str) -> None:
-        while self._bytes > self.budget and len(self._index) > 1:
-            victim = next(a for a in self._index if a != keep)
-            log.info("disk budget: evicting agent %r (%d bytes)", victim, self._index[victim].nbytes)
-            self._drop_locked(victim)
+    def put_cut(self, snap: Snapshot, fingerprint: bytes) -> int:
+        """Store a shared prefix (whole blocks only, SWA window included); bytes written."""
+        split = self._blocks_of(snap, fingerprint, whole_only=True)
+        if split is None or not split[0]:
+            log.debug("cut at %d tokens is not whole blocks; not stored", snap.n_tokens)
+            return 0
+        chain, shape, first, blocks, _ = split
+        now = time.time()
+        r = Record("cut", chain[-1].hex(), snap.n_tokens, self.block_tokens,
+                   [c.hex() for c in chain], first, [[k for k, _ in bs] for bs in blocks],
+                   fingerprint.hex(), now, shape=shape.to_json(), digest=state_digest(snap.state).hex())
+        r.last_used = now
+        key = "cut/" + r.name
+        with self._lock:
+            token = self._acquire()
+            try:
+                sizes: Dict[str, int] = {}
+                written = self._write_blocks(blocks, sizes)
+                self._commit(key, r, sizes, keep=key)
+            finally:
+                self._release(token)
+        return written
 
     def drop(self, agent_id: str) -> bool:
-        """Remove the agent's manifest and its payload if unshared; True if it was stored."""
+        """Remove the agent's manifest; its payloads go unless another record holds them.
+        True if it was stored."""
+        key = agent_key(agent_id)
         with self._lock:
-            return self._drop_locked(agent_id)
-
-    def _drop_locked(self, agent_id: str) -> bool:
-        known = agent_id in self._index
-        kv = self._index_remove(agent_id)
-        self._cache.delete(agent_key(agent_id))
-        if kv is not None:
-            self._cache.delete(kv)
+            token = self._acquire()
+            try:
+                known = key in self._records or key in self._cache
+                self._cache.delete(key)
+                self._collect(self._index_remove(key))
+                self._seen_len = len(self._cache)
+            finally:
+                self._release(token)
         return known
 
+    def collect(self) -> int:
+        """Delete every payload no record on disk holds (orphans of killed writers included);
+        return how many went."""
+        with self._lock:
+            token = self._acquire()
+            try:
+                self._refresh(force=True)
+                held: Set[str] = set()
+                for r in self._scan().values():
+                    held.update(r.keys())
+                gone = 0
+                for key in list(self._cache.iterkeys()):
+                    if isinstance(key, str) and key.startswith(("blk/", "kv/")) and key not in held:
+                        self._cache.delete(key)
+                        gone += 1
+                return gone
+            finally:
+                self._release(token)
+
     # -- reads ----------------------------------------------------------------------------
+
+    def _read(self, key: str) -> bytes:
+        payload = self._cache.get(key)
+        if payload is None:
+            raise CorruptEntry(f"payload {key} is missing")
+        return payload
+
+    def _load_blocks(self, r: Record, fingerprint: bytes, chain: List[bytes], upto: int,
+                     swa_from: int) -> Tuple[List[seqstate.Piece], int]:
+        """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``)."""
+        B = r.block_tokens
+        pieces: List[seqstate.Piece] = []
+        nread = 0
+        for c, keys in enumerate(r.blocks):
+            lo = 0 if c == 0 else max(r.first[c], swa_from)
+            for j in range(lo, min(upto, r.first[c] + len(keys))):
+                payload = self._read(keys[j - r.first[c]])
+                nread += len(payload)
+                pieces.append(decode_block(payload, fingerprint, keys[j - r.first[c]][4:],
+                                           chain[j], c, j * B, B))
+        return pieces, nread
 
     def get(self, agent_id: str, fingerprint: bytes) -> Tuple[Optional[Snapshot], int]:
         """The agent's stored snapshot (checked) and the bytes read; ``(None, 0)`` if none.
 
         Raises CorruptEntry or FingerprintMismatch; the caller decides what to drop.
         """
-        for attempt in range(2):  # a concurrent writer may replace the payload under us
-            raw = self._cache.get(agent_key(agent_id))
+        key = agent_key(agent_id)
+        for attempt in range(2):  # another process may replace the agent's state under us
+            raw = self._cache.get(key)
             if raw is None:
                 with self._lock:
-                    if agent_id in self._index:  # removed by another process
-                        self._index_remove(agent_id)
+                    self._index_remove(key)
                 return None, 0
-            m = Manifest.from_bytes(raw)
-            if m.agent_id != agent_id:
+            r = Record.from_bytes(raw)
+            if r.kind != "agent" or r.name != agent_id:
                 raise CorruptEntry("manifest names another agent")
-            if m.fingerprint != fingerprint.hex():
+            if r.fingerprint != fingerprint.hex():
                 raise FingerprintMismatch(
                     f"agent {agent_id!r} was saved by another model or context configuration")
-            payload = self._cache.get(m.kv)
-            if payload is not None:
-                break
-        else:
-            raise CorruptEntry(f"payload {m.kv} of agent {agent_id!r} is missing")
-        snap = decode(payload, fingerprint, key=m.kv[3:])
+            try:
+                tail_raw = self._read(r.tail)  # type: ignore[arg-type]
+                tail = decode_tail(tail_raw, fingerprint, key=r.tail[3:])  # type: ignore[index]
+                chain = chain_keys(fingerprint, tail.tokens, r.block_tokens)
+                if [c.hex() for c in chain] != r.chain or tail.tokens.shape[0] != r.n_tokens:
+                    raise CorruptEntry("manifest and tail disagree on the tokens")
+                pieces, nread = self._load_blocks(r, fingerprint, chain, len(chain), 0)
+            except CorruptEntry:
+                if attempt == 0 and self._cache.get(key) != raw:
+                    continue  # replaced meanwhile: read the new one
+                raise
+            break
+        pieces += tail.pieces
+        pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
+        blob = seqstate.assemble(tail.shape, pieces)
+        if state_digest(blob) != tail.digest:
+            raise CorruptEntry("assembled state does not match the digest it was saved with")
+        self._touch(key)
+        return Snapshot(tail.tokens, blob, tail.logits), nread + len(tail_raw)
+
+    def _touch(self, key: str) -> None:
         with self._lock:
-            if agent_id in self._index:
-                self._index[agent_id].last_used = time.time()
-                self._index.move_to_end(agent_id)
-            else:  # written by another process since we opened
-                self._index_add(m)
-        return snap, len(payload)
+            r = self._records.get(key)
+            if r is not None:
+                r.last_used = time.time()
+                self._records.move_to_end(key)
+
+    # -- shared prefixes ------------------------------------------------------------------
+
+    def _restorable_cut(self, r: Record, depth: int, n_swa: int) -> int:
+        """The deepest whole-block cut ``<= depth`` blocks that ``r`` can restore exactly."""
+        B = r.block_tokens
+        lo0, hi0 = r.covers(0)
+        depth = min(depth, hi0) if lo0 == 0 else 0
+        for j in range(depth, 0, -1):
+            C = j * B
+            need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
+            if all(r.covers(c)[0] <= need and j <= r.covers(c)[1] for c in range(1, len(r.blocks))):
+                return j
+        return 0
+
+    def _best_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int
+                     ) -> Tuple[int, int, Optional[Record], List[bytes]]:
+        """(shared blocks, restorable blocks, record to restore from, chain of tokens)."""
+        B = self.block_tokens
+        chain = chain_keys(fingerprint, tokens, B)
+        hexes = [c.hex() for c in chain]
+        shared, best, best_r = 0, 0, None
+        fp = fingerprint.hex()
+        with self._lock:
+            self._refresh()
+            for r in reversed(list(self._records.values())):  # most recently used first
+                if r.fingerprint != fp or r.block_tokens != B or not r.chain:
+                    continue
+                k = 0
+                for a, b in zip(r.chain, hexes):
+                    if a != b:
+                        break
+                    k += 1
+                shared = max(shared, k)
+                j = self._restorable_cut(r, k, n_swa)
+                if j > best:
+                    best, best_r = j, r
+        return shared, best, best_r, chain
+
+    def find_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int
+                    ) -> Tuple[Optional[Snapshot], int]:
+        """The longest stored prefix of ``tokens`` that can be restored exactly, as a snapshot
+        of its first ``C`` tokens (C a multiple of block_tokens), and the bytes read."""
+        _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa)
+        if r is None or j == 0:
+            return None, 0
+        B = r.block_tokens
+        C = j * B
+        shape = seqstate.Shape.from_json(r.shape)
+        need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
+        pieces, nread = self._load_blocks(r, fingerprint, chain, j, need)
+        blob = seqstate.assemble(shape, pieces)
+        self._touch(_record_key(r))
+        return Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), blob, None), nread
+
+    def plan_cut(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int) -> int:
+        """Where a new shared prefix should be stored: the end of the whole blocks ``tokens``
+        shares with stored states, when no record can restore that deep yet; else 0."""
+        shared, best, _, _ = self._best_prefix(tokens, fingerprint, n_swa)
+        return shared * self.block_tokens if shared > best else 0
 
     # -- model hashes ---------------------------------------------------------------------
 

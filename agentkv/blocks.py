@@ -1,0 +1,255 @@
+"""Token blocks on disk: chain keys, block and tail payloads, records.
+
+An agent's KV is stored as immutable blocks plus a small tail:
+
+- a **block** is one cache's cells for ``block_tokens`` positions ``j*B .. (j+1)*B-1``
+  (a :class:`~agentkv.state.Piece`), named by the xxh3-128 digest of its payload, so equal
+  bytes are stored once whoever wrote them;
+- its **chain key** ``key(j) = xxh3_128(key(j-1) | tokens of block j)``, with
+  ``key(-1) = fingerprint``, names the token prefix it belongs to: two blocks have the same
+  chain key exactly when the whole prefix up to them is equal. Every block payload carries
+  its chain key, so a block can never be assembled under another prefix;
+- the **tail** holds what is not a whole block (the last partial block, pieces of streams
+  that are not block-shaped), the token ids, the carried logits, the state's shape and the
+  digest of the whole assembled state;
+- a **record** (JSON) lists a stored state's chain keys and block keys per cache: an agent's
+  manifest (with its tail), or a *cut*: the prefix ``0..n-1`` shared by several agents,
+  stored with the SWA window that makes it restorable for a new agent.
+
+Payloads (little-endian), each followed by 16 bytes of xxh3-128 of everything before::
+
+    block:  b"AKVB" u16 version u16 0 | 16 B fingerprint | 16 B chain key | u8 cache | u8 stream
+            | u16 0 | u32 pos0 | u32 count | u32 cells_len | u64 data_len | data
+    tail:   b"AKVT" u16 version u16 0 | 16 B fingerprint | 16 B state digest | u32 n_tokens
+            | u32 n_logits | u32 shape_len | u32 n_pieces | tokens i32 | logits f32 | shape JSON
+            | n_pieces x (u8 cache u8 stream u16 0 u32 pos0 u32 count u32 cells_len u64 len)
+            | piece data ...
+
+Nothing here unpickles; every length is checked before use (CorruptEntry otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import xxhash
+
+from .errors import CorruptEntry, FingerprintMismatch
+from .state import Piece, Shape
+
+__all__ = ["chain_keys", "encode_block", "decode_block", "Tail", "encode_tail", "decode_tail",
+           "Record", "state_digest"]
+
+_DIGEST = 16
+_BLOCK = struct.Struct("<4sHH16s16sBBHIIIQ")
+_TAIL = struct.Struct("<4sHH16s16sIIII")
+_PIECE = struct.Struct("<BBHIIIQ")
+_VERSION = 1
+_RECORD_VERSION = 2
+
+
+def chain_keys(fingerprint: bytes, tokens: Any, block_tokens: int, n_blocks: Optional[int] = None
+               ) -> List[bytes]:
+    """Chain keys of the whole blocks of ``tokens`` (or of the first ``n_blocks``)."""
+    toks = np.ascontiguousarray(tokens, dtype="<i4")
+    full = toks.shape[0] // block_tokens
+    n = full if n_blocks is None else min(n_blocks, full)
+    keys: List[bytes] = []
+    prev = fingerprint
+    for j in range(n):
+        h = xxhash.xxh3_128(prev)
+        h.update(toks[j * block_tokens:(j + 1) * block_tokens].tobytes())
+        prev = h.digest()
+        keys.append(prev)
+    return keys
+
+
+def state_digest(state: Any) -> bytes:
+    return xxhash.xxh3_128(memoryview(state).cast("B")).digest()
+
+
+def _seal(parts: Sequence[Any]) -> Tuple[bytes, str]:
+    h = xxhash.xxh3_128()
+    for p in parts:
+        h.update(p)
+    digest = h.digest()
+    return b"".join([bytes(p) if not isinstance(p, bytes) else p for p in parts] + [digest]), digest.hex()
+
+
+def _open(payload: Any, magic: bytes, what: str, key: Optional[str]) -> memoryview:
+    view = memoryview(payload).cast("B")
+    if view.nbytes < 8 + _DIGEST:
+        raise CorruptEntry(f"{what} truncated: {view.nbytes} bytes")
+    if bytes(view[:4]) != magic:
+        raise CorruptEntry(f"not an agentkv {what} (bad magic)")
+    (version,) = struct.unpack_from("<H", view, 4)
+    if version != _VERSION:
+        raise CorruptEntry(f"{what} format version {version} is not supported")
+    digest = xxhash.xxh3_128(view[:-_DIGEST]).digest()
+    if digest != bytes(view[-_DIGEST:]):
+        raise CorruptEntry(f"{what} checksum mismatch")
+    if key is not None and digest.hex() != key:
+        raise CorruptEntry(f"{what} does not match the key it is stored under")
+    return view
+
+
+# -- blocks ---------------------------------------------------------------------------------
+
+def encode_block(piece: Piece, chain: bytes, fingerprint: bytes) -> Tuple[bytes, str]:
+    """The payload of one block and its content key."""
+    data = memoryview(np.ascontiguousarray(np.frombuffer(piece.data, np.uint8))).cast("B")
+    header = _BLOCK.pack(b"AKVB", _VERSION, 0, fingerprint, chain, piece.cache, piece.stream, 0,
+                         piece.pos0, piece.count, piece.cells_len, data.nbytes)
+    return _seal([header, data])
+
+
+def decode_block(payload: Any, fingerprint: bytes, key: str, chain: bytes, cache: int,
+                 pos0: int, count: int) -> Piece:
+    """Check a block against everything its reader expects; return its piece."""
+    view = _open(payload, b"AKVB", "block", key)
+    if view.nbytes < _BLOCK.size + _DIGEST:
+        raise CorruptEntry("block truncated")
+    (_, _, _, fp, ch, c, s, _, p0, n, cells_len, data_len) = _BLOCK.unpack_from(view, 0)
+    if fp != fingerprint:
+        raise FingerprintMismatch("block was written under another fingerprint")
+    if _BLOCK.size + data_len + _DIGEST != view.nbytes or cells_len > data_len:
+        raise CorruptEntry("block length fields disagree with its size")
+    if ch != chain or c != cache or p0 != pos0 or n != count:
+        raise CorruptEntry(f"block {key} is not block {pos0 // max(count, 1)} of this prefix")
+    return Piece(c, s, p0, n, cells_len, view[_BLOCK.size:_BLOCK.size + data_len])
+
+
+# -- tails ----------------------------------------------------------------------------------
+
+@dataclass
+class Tail:
+    """The part of a stored state that is not whole blocks, plus what identifies the state."""
+
+    tokens: np.ndarray
+    logits: Optional[np.ndarray]
+    shape: Shape
+    pieces: List[Piece]
+    digest: bytes  # xxh3-128 of the whole assembled state
+
+
+def encode_tail(tail: Tail, fingerprint: bytes) -> Tuple[bytes, str]:
+    tokens = np.ascontiguousarray(tail.tokens, dtype="<i4")
+    logits = (np.zeros(0, "<f4") if tail.logits is None
+              else np.ascontiguousarray(tail.logits, dtype="<f4"))
+    shape = json.dumps(tail.shape.to_json(), separators=(",", ":")).encode()
+    datas = [memoryview(np.ascontiguousarray(np.frombuffer(p.data, np.uint8))).cast("B")
+             for p in tail.pieces]
+    table = b"".join(_PIECE.pack(p.cache, p.stream, 0, p.pos0, p.count, p.cells_len, d.nbytes)
+                     for p, d in zip(tail.pieces, datas))
+    header = _TAIL.pack(b"AKVT", _VERSION, 0, fingerprint, tail.digest, tokens.shape[0],
+                        logits.shape[0], len(shape), len(tail.pieces))
+    return _seal([header, tokens.tobytes(), logits.tobytes(), shape, table, *datas])
+
+
+def decode_tail(payload: Any, fingerprint: bytes, key: Optional[str] = None) -> Tail:
+    view = _open(payload, b"AKVT", "tail", key)
+    end = view.nbytes - _DIGEST
+    if end < _TAIL.size:
+        raise CorruptEntry("tail truncated")
+    _, _, _, fp, digest, n_tokens, n_logits, shape_len, n_pieces = _TAIL.unpack_from(view, 0)
+    if fp != fingerprint:
+        raise FingerprintMismatch(
+            f"state was saved under fingerprint {fp.hex()}, this context is {fingerprint.hex()}")
+    off = _TAIL.size
+    fixed = 4 * n_tokens + 4 * n_logits + shape_len + _PIECE.size * n_pieces
+    if off + fixed > end:
+        raise CorruptEntry("tail length fields exceed its size")
+    tokens = np.frombuffer(view, "<i4", n_tokens, off).astype(np.int32)
+    off += 4 * n_tokens
+    logits = np.frombuffer(view, "<f4", n_logits, off) if n_logits else None
+    off += 4 * n_logits
+    try:
+        shape = Shape.from_json(json.loads(bytes(view[off:off + shape_len])))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptEntry(f"tail shape does not parse: {exc}") from exc
+    off += shape_len
+    table = [_PIECE.unpack_from(view, off + i * _PIECE.size) for i in range(n_pieces)]
+    off += _PIECE.size * n_pieces
+    pieces = []
+    for c, s, _, p0, n, cells_len, length in table:
+        if off + length > end or cells_len > length:
+            raise CorruptEntry("tail piece exceeds the tail")
+        pieces.append(Piece(c, s, p0, n, cells_len, view[off:off + length]))
+        off += length
+    if off != end:
+        raise CorruptEntry("tail has trailing bytes")
+    return Tail(tokens, logits, shape, pieces, digest)
+
+
+# -- records --------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    """A stored state: an agent's manifest (``tail`` set) or a shared cut (``tail`` None).
+
+    ``blocks[c]`` are cache ``c``'s block keys for block indices ``first[c] ..``; the base
+    cache's start at 0 and cover every whole block, an SWA cache's only its stored window.
+    ``chain`` holds the chain key of every whole block (hex).
+    """
+
+    kind: str  # "agent" or "cut"
+    name: str  # the agent id, or the hex chain key of the cut's last block
+    n_tokens: int
+    block_tokens: int
+    chain: List[str]
+    first: List[int]
+    blocks: List[List[str]]
+    fingerprint: str
+    saved_at: float
+    tail: Optional[str] = None
+    shape: Optional[Dict[str, Any]] = None  # cuts: the shape to assemble with
+    digest: Optional[str] = None  # cuts: state digest of the assembled prefix
+    last_used: float = field(default=0.0, compare=False)
+
+    def keys(self) -> List[str]:
+        """Every payload key this record holds on to."""
+        out = [k for ks in self.blocks for k in ks]
+        if self.tail is not None:
+            out.append(self.tail)
+        return out
+
+    def covers(self, cache: int) -> Tuple[int, int]:
+        """Block indices ``[lo, hi)`` whose blocks of ``cache`` this record stores."""
+        lo = self.first[cache]
+        return lo, lo + len(self.blocks[cache])
+
+    def to_bytes(self) -> bytes:
+        d = {"v": _RECORD_VERSION, "kind": self.kind, "name": self.name, "n_tokens": self.n_tokens,
+             "block_tokens": self.block_tokens, "chain": self.chain, "first": self.first,
+             "blocks": self.blocks, "fp": self.fingerprint, "saved_at": self.saved_at,
+             "tail": self.tail, "shape": self.shape, "digest": self.digest}
+        return json.dumps(d, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Record":
+        try:
+            d = json.loads(raw.decode("utf-8", "surrogatepass"))
+            if d.get("v") != _RECORD_VERSION:
+                raise CorruptEntry(f"record version {d.get('v')!r} is not supported")
+            r = cls(kind=d["kind"], name=d["name"], n_tokens=int(d["n_tokens"]),
+                    block_tokens=int(d["block_tokens"]), chain=list(d["chain"]),
+                    first=[int(x) for x in d["first"]], blocks=[list(b) for b in d["blocks"]],
+                    fingerprint=d["fp"], saved_at=float(d["saved_at"]), tail=d.get("tail"),
+                    shape=d.get("shape"), digest=d.get("digest"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptEntry(f"record does not parse: {exc}") from exc
+        ok = (r.kind in ("agent", "cut") and isinstance(r.name, str) and r.block_tokens > 0
+              and len(r.first) == len(r.blocks) and all(isinstance(k, str) and k.startswith("blk/")
+                                                         for ks in r.blocks for k in ks)
+              and all(isinstance(c, str) for c in r.chain) and len(r.chain) * r.block_tokens <= r.n_tokens
+              and all(0 <= f and f + len(b) <= len(r.chain) for f, b in zip(r.first, r.blocks))
+              and (r.tail is None or (isinstance(r.tail, str) and r.tail.startswith("kv/")))
+              and (r.kind == "agent") == (r.tail is not None))
+        if not ok:
+            raise CorruptEntry("record fields are inconsistent")
+        r.last_used = r.saved_at
+        return r
