@@ -237,6 +237,16 @@ class DiskStore:
         with self._lock:
             return agent_key(agent_id) in self._records
 
+    def manifest(self, agent_id: str) -> Optional[Record]:
+        """The agent's manifest as indexed (None if not stored)."""
+        with self._lock:
+            return self._records.get(agent_key(agent_id))
+
+    def cuts(self) -> List[Record]:
+        """The shared prefixes stored."""
+        with self._lock:
+            return [r for r in self._records.values() if r.kind == "cut"]
+
     # -- writes ---------------------------------------------------------------------------
 
     def _blocks_of(self, snap: Snapshot, fingerprint: bytes, whole_only: bool):

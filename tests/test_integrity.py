@@ -25,12 +25,13 @@ def cold_run(llm, prompt):
     return out["choices"][0]["text"], last_logits(llm)
 
 
-def save_two_agents(llm, cache_dir):
+def save_two_agents(llm, cache_dir, part="tail"):
+    """Store agents a and b; return the key of one of a's payloads: its tail, or a block."""
     with AgentMemory(llm, cache_dir=cache_dir, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT_A, max_tokens=1, temperature=0)
         mem.create_completion("b", PROMPT_B, max_tokens=1, temperature=0)
-        key_a = mem._store.manifest("a").kv
-    return key_a
+        record = mem._store.manifest("a")
+    return record.tail if part == "tail" else record.blocks[-1][0]
 
 
 def payload_file_of(cache_dir, kv_key):
@@ -39,9 +40,10 @@ def payload_file_of(cache_dir, kv_key):
     return os.path.join(str(cache_dir), name)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
-def test_damaged_payload_is_refused_and_prefilled(llm, tmp_path, damage, caplog):
-    key_a = save_two_agents(llm, tmp_path)
+@pytest.mark.parametrize("part,damage", [("tail", "flip"), ("tail", "truncate"),
+                                         ("tail", "empty"), ("block", "flip")])
+def test_damaged_payload_is_refused_and_prefilled(llm, tmp_path, part, damage, caplog):
+    key_a = save_two_agents(llm, tmp_path, part)
     path = payload_file_of(tmp_path, key_a)
     data = bytearray(open(path, "rb").read())
     if damage == "flip":
@@ -64,8 +66,9 @@ def test_damaged_payload_is_refused_and_prefilled(llm, tmp_path, damage, caplog)
     assert "damaged" in caplog.text
 
 
-def test_missing_payload_is_a_miss(llm, tmp_path):
-    key_a = save_two_agents(llm, tmp_path)
+@pytest.mark.parametrize("part", ["tail", "block"])
+def test_missing_payload_is_a_miss(llm, tmp_path, part):
+    key_a = save_two_agents(llm, tmp_path, part)
     os.remove(payload_file_of(tmp_path, key_a))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT_A, max_tokens=1, temperature=0)
@@ -78,7 +81,7 @@ def test_payload_swapped_between_agents_is_refused(llm, tmp_path):
     """A payload moved under another key fails the content-address check."""
     key_a = save_two_agents(llm, tmp_path)
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        key_b = mem._store.manifest("b").kv
+        key_b = mem._store.manifest("b").tail
     shutil.copyfile(payload_file_of(tmp_path, key_b), payload_file_of(tmp_path, key_a))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT_A, max_tokens=1, temperature=0)
