@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -193,14 +194,39 @@ class DiskStore:
     # -- the cross-process write lock -----------------------------------------------------
 
     def _acquire(self) -> bytes:
-        token = os.urandom(16)
+        token = f"{os.getpid()}:{socket.gethostname()}:{os.urandom(8).hex()}".encode()
         deadline = time.monotonic() + _LOCK_TIMEOUT
         while not self._cache.add(_LOCK_KEY, token, expire=_LOCK_EXPIRE):
+            self._break_dead_lock()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the store lock of {self.directory} was not freed in "
                                    f"{_LOCK_TIMEOUT:.0f} s")
             time.sleep(0.002)
         return token
+
+    def _break_dead_lock(self) -> None:
+        """Free the lock of a holder on this host that no longer runs (killed mid-write)."""
+        held = self._cache.get(_LOCK_KEY)
+        if held is None:
+            return
+        try:
+            pid_s, host, _ = held.decode().split(":", 2)
+            pid = int(pid_s)
+        except (UnicodeDecodeError, ValueError):
+            return
+        if host != socket.gethostname() or pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+            return  # alive (or not ours to signal): wait for it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return
+        with self._cache.transact():
+            if self._cache.get(_LOCK_KEY) == held:
+                log.warning("freeing the store lock of process %d, which is gone", pid)
+                self._cache.delete(_LOCK_KEY)
 
     def _release(self, token: bytes) -> None:
         with self._cache.transact():

@@ -113,3 +113,49 @@ def test_saves_write_only_new_blocks_and_the_tail(llm, tmp_path):
             written = mem.stats().bytes_written - before
             logits_bytes = llm.n_vocab() * 4
             assert written - logits_bytes <= (added + B) * per_token * 1.2, (i, written, added)
+
+
+def _worker(cache_dir, prefix, turns, *flags):
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    return subprocess.Popen([sys.executable, str(here / "store_worker.py"), str(cache_dir), prefix,
+                             str(turns), *flags], cwd=here, stdout=subprocess.PIPE, text=True)
+
+
+def test_two_processes_share_one_cache_dir(llm, tmp_path):
+    procs = [_worker(tmp_path, p, 2) for p in ("x", "y")]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0 and out.startswith("done"), out
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0, block_tokens=64) as mem:
+        assert {a.agent_id for a in mem.agents()} == {f"{p}-{a}" for p in "xy" for a in range(3)}
+        for p in "xy":
+            for a in range(3):
+                mem.create_completion(f"{p}-{a}", f"{SHARED[:1500]} Agent {p}-{a}, turn 1: go",
+                                      max_tokens=1, temperature=0)
+                assert mem.last_turn.source == "disk"
+        assert mem.stats().rejected == 0
+        assert mem._store.collect() == 0  # nothing unreferenced was left behind
+
+
+def test_a_process_killed_mid_save_leaves_nothing_half_written(llm, tmp_path):
+    import signal
+    import time
+    proc = _worker(tmp_path, "k", 0, "--forever")
+    try:
+        for _ in range(3):  # let it save a few times, then kill it while it writes the next
+            assert proc.stdout.readline().startswith("saved")
+        time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0, block_tokens=64) as mem:
+        mem.create_completion("k-victim", SHARED[:1500] + " Step 0:", max_tokens=1, temperature=0)
+        assert mem.last_turn.source in ("disk", "prefix")
+        assert mem.stats().rejected == 0
+        mem.create_completion("other", "A different agent", max_tokens=1, temperature=0)
+        mem.evict("other")  # the store takes writes: a lock left by the killed writer is freed
+        mem._store.collect()
+        assert mem._store.collect() == 0
