@@ -18,14 +18,16 @@ An agent's KV is stored as immutable blocks plus a small tail:
 
 Payloads (little-endian), each followed by 16 bytes of xxh3-128 of everything before::
 
-    block:  b"AKVB" u16 version u16 0 | 16 B fingerprint | 16 B chain key | u8 cache | u8 stream
+    block:  b"AKVB" u16 version u16 at-rest format | 16 B fingerprint | 16 B chain key | u8 cache | u8 stream
             | u16 0 | u32 pos0 | u32 count | u32 cells_len | u64 data_len | data
-    tail:   b"AKVT" u16 version u16 0 | 16 B fingerprint | 16 B state digest | u32 n_tokens
+    tail:   b"AKVT" u16 version u16 at-rest format | 16 B fingerprint | 16 B state digest | u32 n_tokens
             | u32 n_logits | u32 shape_len | u32 n_pieces | tokens i32 | logits f32 | shape JSON
             | n_pieces x (u8 cache u8 stream u16 0 u32 pos0 u32 count u32 cells_len u64 len)
             | piece data ...
 
-Nothing here unpickles; every length is checked before use (CorruptEntry otherwise).
+The at-rest format (0: exact, else agentkv.atrest's code of a quantized row format) is in every
+payload's header and must be the one the reader expects. Nothing here unpickles; every length
+is checked before use (CorruptEntry otherwise).
 """
 
 from __future__ import annotations
@@ -80,15 +82,17 @@ def _seal(parts: Sequence[Any]) -> Tuple[bytes, str]:
     return b"".join([bytes(p) if not isinstance(p, bytes) else p for p in parts] + [digest]), digest.hex()
 
 
-def _open(payload: Any, magic: bytes, what: str, key: Optional[str]) -> memoryview:
+def _open(payload: Any, magic: bytes, what: str, key: Optional[str], rest: int) -> memoryview:
     view = memoryview(payload).cast("B")
     if view.nbytes < 8 + _DIGEST:
         raise CorruptEntry(f"{what} truncated: {view.nbytes} bytes")
     if bytes(view[:4]) != magic:
         raise CorruptEntry(f"not an agentkv {what} (bad magic)")
-    (version,) = struct.unpack_from("<H", view, 4)
+    version, flags = struct.unpack_from("<HH", view, 4)
     if version != _VERSION:
         raise CorruptEntry(f"{what} format version {version} is not supported")
+    if flags != rest:
+        raise CorruptEntry(f"{what} is stored in at-rest format {flags}, expected {rest}")
     digest = xxhash.xxh3_128(view[:-_DIGEST]).digest()
     if digest != bytes(view[-_DIGEST:]):
         raise CorruptEntry(f"{what} checksum mismatch")
@@ -99,18 +103,18 @@ def _open(payload: Any, magic: bytes, what: str, key: Optional[str]) -> memoryvi
 
 # -- blocks ---------------------------------------------------------------------------------
 
-def encode_block(piece: Piece, chain: bytes, fingerprint: bytes) -> Tuple[bytes, str]:
+def encode_block(piece: Piece, chain: bytes, fingerprint: bytes, rest: int = 0) -> Tuple[bytes, str]:
     """The payload of one block and its content key."""
     data = memoryview(np.ascontiguousarray(np.frombuffer(piece.data, np.uint8))).cast("B")
-    header = _BLOCK.pack(b"AKVB", _VERSION, 0, fingerprint, chain, piece.cache, piece.stream, 0,
+    header = _BLOCK.pack(b"AKVB", _VERSION, rest, fingerprint, chain, piece.cache, piece.stream, 0,
                          piece.pos0, piece.count, piece.cells_len, data.nbytes)
     return _seal([header, data])
 
 
-def decode_block(payload: Any, fingerprint: bytes, key: str, chain: bytes, cache: int,
-                 pos0: int, count: int) -> Piece:
+def decode_block(payload: Any, fingerprint: bytes, key: Optional[str], chain: bytes, cache: int,
+                 pos0: int, count: int, rest: int = 0) -> Piece:
     """Check a block against everything its reader expects; return its piece."""
-    view = _open(payload, b"AKVB", "block", key)
+    view = _open(payload, b"AKVB", "block", key, rest)
     if view.nbytes < _BLOCK.size + _DIGEST:
         raise CorruptEntry("block truncated")
     (_, _, _, fp, ch, c, s, _, p0, n, cells_len, data_len) = _BLOCK.unpack_from(view, 0)
@@ -136,7 +140,7 @@ class Tail:
     digest: bytes  # xxh3-128 of the whole assembled state
 
 
-def encode_tail(tail: Tail, fingerprint: bytes) -> Tuple[bytes, str]:
+def encode_tail(tail: Tail, fingerprint: bytes, rest: int = 0) -> Tuple[bytes, str]:
     tokens = np.ascontiguousarray(tail.tokens, dtype="<i4")
     logits = (np.zeros(0, "<f4") if tail.logits is None
               else np.ascontiguousarray(tail.logits, dtype="<f4"))
@@ -145,13 +149,13 @@ def encode_tail(tail: Tail, fingerprint: bytes) -> Tuple[bytes, str]:
              for p in tail.pieces]
     table = b"".join(_PIECE.pack(p.cache, p.stream, 0, p.pos0, p.count, p.cells_len, d.nbytes)
                      for p, d in zip(tail.pieces, datas))
-    header = _TAIL.pack(b"AKVT", _VERSION, 0, fingerprint, tail.digest, tokens.shape[0],
+    header = _TAIL.pack(b"AKVT", _VERSION, rest, fingerprint, tail.digest, tokens.shape[0],
                         logits.shape[0], len(shape), len(tail.pieces))
     return _seal([header, tokens.tobytes(), logits.tobytes(), shape, table, *datas])
 
 
-def decode_tail(payload: Any, fingerprint: bytes, key: Optional[str] = None) -> Tail:
-    view = _open(payload, b"AKVT", "tail", key)
+def decode_tail(payload: Any, fingerprint: bytes, key: Optional[str] = None, rest: int = 0) -> Tail:
+    view = _open(payload, b"AKVT", "tail", key, rest)
     end = view.nbytes - _DIGEST
     if end < _TAIL.size:
         raise CorruptEntry("tail truncated")
@@ -206,8 +210,7 @@ class Record:
     fingerprint: str
     saved_at: float
     tail: Optional[str] = None
-    shape: Optional[Dict[str, Any]] = None  # cuts: the shape to assemble with
-    digest: Optional[str] = None  # cuts: state digest of the assembled prefix
+    shape: Optional[Dict[str, Any]] = None  # the shape to assemble with
     last_used: float = field(default=0.0, compare=False)
 
     def keys(self) -> List[str]:
@@ -226,7 +229,7 @@ class Record:
         d = {"v": _RECORD_VERSION, "kind": self.kind, "name": self.name, "n_tokens": self.n_tokens,
              "block_tokens": self.block_tokens, "chain": self.chain, "first": self.first,
              "blocks": self.blocks, "fp": self.fingerprint, "saved_at": self.saved_at,
-             "tail": self.tail, "shape": self.shape, "digest": self.digest}
+             "tail": self.tail, "shape": self.shape}
         return json.dumps(d, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
     @classmethod
@@ -239,7 +242,7 @@ class Record:
                     block_tokens=int(d["block_tokens"]), chain=list(d["chain"]),
                     first=[int(x) for x in d["first"]], blocks=[list(b) for b in d["blocks"]],
                     fingerprint=d["fp"], saved_at=float(d["saved_at"]), tail=d.get("tail"),
-                    shape=d.get("shape"), digest=d.get("digest"))
+                    shape=d.get("shape"))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptEntry(f"record does not parse: {exc}") from exc
         ok = (r.kind in ("agent", "cut") and isinstance(r.name, str) and r.block_tokens > 0

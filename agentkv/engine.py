@@ -86,7 +86,7 @@ class Engine:
 
     # -- identity -------------------------------------------------------------------------
 
-    def fingerprint(self, model_hash: str) -> bytes:
+    def fingerprint(self, model_hash: str, at_rest: int = 0) -> bytes:
         """16 bytes naming everything a stored state must match to be restored here."""
         cp = self.llm.context_params
         fields = {
@@ -103,6 +103,8 @@ class Engine:
             "n_embd": int(llama_cpp.llama_model_n_embd(self.llm.model)),
             "n_swa": self.n_swa,
         }
+        if at_rest:  # exact stores keep the fingerprint they always had
+            fields["at_rest"] = at_rest
         return xxhash.xxh3_128(json.dumps(fields, sort_keys=True).encode()).digest()
 
     @property

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
+from .atrest import code_of
 from .config import MemoryConfig, SizeLike
 from .engine import Engine, hash_file
 from .errors import (CorruptEntry, FingerprintMismatch, InvalidAgentId, MemoryClosed, RestoreFailed,
@@ -139,19 +140,26 @@ class AgentMemory:
         share_prefixes: restore a new agent from the longest stored prefix of its prompt
             (another agent's blocks count), and store a prefix that agents share, with the
             window an SWA model needs, the first time a second agent evaluates it.
+        at_rest: None (default: exact) or a quantized row format for float16 KV on disk:
+            "q8_0", "q4_0", "q4_1" or "iq4_nl" (ggml's layouts). Smaller and not exact:
+            restores from disk are close to, not equal to, a never-evicted agent (RAM restores
+            stay exact); benchmarks/kv_quality.py measures the difference. Part of the
+            fingerprint: KV stored under another setting is not restored.
     """
 
     def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
                  ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB",
-                 block_tokens: int = 256, share_prefixes: bool = True) -> None:
+                 block_tokens: int = 256, share_prefixes: bool = True,
+                 at_rest: Optional[str] = None) -> None:
         self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
         self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
+        rest = code_of(at_rest)
         self._closed = True  # until the end of __init__
         self._take_over(llm)
         self._store = DiskStore(self._config.cache_dir, self._config.disk_budget,
-                                self._config.block_tokens)
+                                self._config.block_tokens, rest)
         self._fingerprint = self._engine.fingerprint(
-            self._store.model_hash(self._engine.model_path, hash_file))
+            self._store.model_hash(self._engine.model_path, hash_file), at_rest=rest)
         self._ram = RamTier(self._config.ram_budget)
         self._stats = MemoryStats()
         self._lock = threading.Lock()  # the context: one turn at a time
@@ -514,8 +522,8 @@ class AgentMemory:
     def _plan_cut(self, prompt: Any, reuse: int) -> int:
         """Engine hook: where to store a prefix this prompt shares with stored states."""
         B = self._config.block_tokens
-        if (len(prompt) // B) * B <= reuse:
-            return 0  # the evaluation ahead completes no block
+        if reuse > 0 or len(prompt) < B:
+            return 0  # only a context evaluated from the start can store a shared prefix
         self._writer.drain()
         return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa)
 

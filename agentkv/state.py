@@ -37,7 +37,7 @@ import numpy as np
 from .errors import CorruptEntry
 
 __all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
-           "StreamShape", "Shape", "Piece", "shape_of", "split", "assemble"]
+           "StreamShape", "Shape", "Piece", "shape_of", "split", "assemble", "piece_regions"]
 
 SEQ_MAGIC = 0xAF143CD8
 _MAX_STREAMS = 256  # LLAMA_MAX_SEQ
@@ -361,6 +361,23 @@ class Piece:
     @property
     def nbytes(self) -> int:
         return memoryview(self.data).nbytes
+
+
+def piece_regions(shape: Shape, piece: Piece) -> List[Tuple[int, int, int]]:
+    """(offset, nbytes, ggml type) of each K then V layer's bytes inside ``piece.data``."""
+    sh = shape.caches[piece.cache][piece.stream]
+    if sh is None:
+        raise CorruptEntry(f"piece names empty stream {piece.stream} of cache {piece.cache}")
+    out = []
+    off = piece.cells_len
+    for t, row in sh.k:
+        out.append((off, piece.count * row, t))
+        off += piece.count * row
+    for hdr in sh.v:
+        n = hdr[2] * piece.count * hdr[1] if sh.v_trans else piece.count * hdr[1]
+        out.append((off, n, hdr[0]))
+        off += n
+    return out
 
 
 def _stream_shape(st: StreamSection) -> StreamShape:

@@ -42,6 +42,7 @@ import xxhash
 from . import state as seqstate
 from .blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
                      encode_tail, state_digest)
+from .atrest import from_rest, to_rest
 from .errors import CorruptEntry, FingerprintMismatch
 from .snapshot import Snapshot
 
@@ -91,13 +92,16 @@ class DiskStore:
         directory: the cache folder.
         budget: bytes of payloads (blocks and tails) to keep.
         block_tokens: positions per block.
+        at_rest: code of the at-rest row format (atrest.CODES; 0: exact).
     """
 
-    def __init__(self, directory: Path, budget: int, block_tokens: int = 256) -> None:
+    def __init__(self, directory: Path, budget: int, block_tokens: int = 256,
+                 at_rest: int = 0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.budget = budget
         self.block_tokens = block_tokens
+        self.at_rest = at_rest
         self._cache = diskcache.Cache(
             str(directory), disk=SafeDisk, eviction_policy="none", size_limit=1 << 62,
             cull_limit=0, statistics=False, tag_index=False)
@@ -282,6 +286,7 @@ class DiskStore:
         parsed = seqstate.parse(snap.state)
         shape, pieces = seqstate.split(snap.state, B, parsed)
         chain = chain_keys(fingerprint, snap.tokens, B)
+        pieces = [to_rest(shape, p, self.at_rest) for p in pieces]
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
         first: List[int] = [0] * len(parsed.caches)
         blocks: List[List[Tuple[str, bytes]]] = [[] for _ in parsed.caches]
@@ -293,13 +298,19 @@ class DiskStore:
             if whole:
                 if not blocks[p.cache]:
                     first[p.cache] = j
-                payload, key = encode_block(p, chain[j], fingerprint)
+                payload, key = encode_block(p, chain[j], fingerprint, self.at_rest)
                 blocks[p.cache].append(("blk/" + key, payload))
             else:
                 rest.append(p)
         if whole_only and rest:
             return None
-        return chain, shape, first, blocks, rest
+        if self.at_rest:  # the digest of what a restore will assemble
+            back = sorted((from_rest(shape, p, self.at_rest) for p in pieces),
+                          key=lambda p: (p.cache, p.stream, p.pos0))
+            digest = state_digest(seqstate.assemble(shape, back))
+        else:
+            digest = state_digest(snap.state)
+        return chain, shape, first, blocks, rest, digest
 
     def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int]) -> int:
         written = 0
@@ -331,9 +342,9 @@ class DiskStore:
         Only blocks the store lacks are written, plus the tail. Returns ``(None, 0)`` when the
         state alone exceeds the budget (logged).
         """
-        chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, whole_only=False)
+        chain, shape, first, blocks, rest, digest = self._blocks_of(snap, fingerprint, False)
         tail_payload, tail_key = encode_tail(
-            Tail(snap.tokens, snap.logits, shape, rest, state_digest(snap.state)), fingerprint)
+            Tail(snap.tokens, snap.logits, shape, rest, digest), fingerprint, self.at_rest)
         total = len(tail_payload) + sum(len(p) for bs in blocks for _, p in bs)
         if total > self.budget:
             log.warning("agent %r: %d bytes of KV exceed disk_budget=%d; not persisted",
@@ -366,11 +377,11 @@ class DiskStore:
         if split is None or not split[0]:
             log.debug("cut at %d tokens is not whole blocks; not stored", snap.n_tokens)
             return 0
-        chain, shape, first, blocks, _ = split
+        chain, shape, first, blocks = split[:4]
         now = time.time()
         r = Record("cut", chain[-1].hex(), snap.n_tokens, self.block_tokens,
                    [c.hex() for c in chain], first, [[k for k, _ in bs] for bs in blocks],
-                   fingerprint.hex(), now, shape=shape.to_json(), digest=state_digest(snap.state).hex())
+                   fingerprint.hex(), now, shape=shape.to_json())
         r.last_used = now
         key = "cut/" + r.name
         with self._lock:
@@ -425,8 +436,9 @@ class DiskStore:
             raise CorruptEntry(f"payload {key} is missing")
         return payload
 
-    def _load_blocks(self, r: Record, fingerprint: bytes, chain: List[bytes], upto: int,
-                     swa_from: int) -> Tuple[List[seqstate.Piece], int]:
+    def _load_blocks(self, r: Record, shape: seqstate.Shape, fingerprint: bytes,
+                     chain: List[bytes], upto: int, swa_from: int
+                     ) -> Tuple[List[seqstate.Piece], int]:
         """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``)."""
         B = r.block_tokens
         pieces: List[seqstate.Piece] = []
@@ -436,8 +448,9 @@ class DiskStore:
             for j in range(lo, min(upto, r.first[c] + len(keys))):
                 payload = self._read(keys[j - r.first[c]])
                 nread += len(payload)
-                pieces.append(decode_block(payload, fingerprint, keys[j - r.first[c]][4:],
-                                           chain[j], c, j * B, B))
+                piece = decode_block(payload, fingerprint, keys[j - r.first[c]][4:], chain[j], c,
+                                     j * B, B, self.at_rest)
+                pieces.append(from_rest(shape, piece, self.at_rest))
         return pieces, nread
 
     def get(self, agent_id: str, fingerprint: bytes) -> Tuple[Optional[Snapshot], int]:
@@ -460,17 +473,17 @@ class DiskStore:
                     f"agent {agent_id!r} was saved by another model or context configuration")
             try:
                 tail_raw = self._read(r.tail)  # type: ignore[arg-type]
-                tail = decode_tail(tail_raw, fingerprint, key=r.tail[3:])  # type: ignore[index]
+                tail = decode_tail(tail_raw, fingerprint, r.tail[3:], self.at_rest)  # type: ignore[index]
                 chain = chain_keys(fingerprint, tail.tokens, r.block_tokens)
                 if [c.hex() for c in chain] != r.chain or tail.tokens.shape[0] != r.n_tokens:
                     raise CorruptEntry("manifest and tail disagree on the tokens")
-                pieces, nread = self._load_blocks(r, fingerprint, chain, len(chain), 0)
+                pieces, nread = self._load_blocks(r, tail.shape, fingerprint, chain, len(chain), 0)
             except CorruptEntry:
                 if attempt == 0 and self._cache.get(key) != raw:
                     continue  # replaced meanwhile: read the new one
                 raise
             break
-        pieces += tail.pieces
+        pieces += [from_rest(tail.shape, p, self.at_rest) for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         blob = seqstate.assemble(tail.shape, pieces)
         if state_digest(blob) != tail.digest:
@@ -534,7 +547,7 @@ class DiskStore:
         C = j * B
         shape = seqstate.Shape.from_json(r.shape)
         need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
-        pieces, nread = self._load_blocks(r, fingerprint, chain, j, need)
+        pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need)
         blob = seqstate.assemble(shape, pieces)
         self._touch(_record_key(r))
         return Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), blob, None), nread

@@ -1,0 +1,80 @@
+"""Pieces at rest: float16 K and V rows transcoded to a quantized row format and back.
+
+``AgentMemory(at_rest="q8_0" | "q4_0" | "q4_1" | "iq4_nl")`` stores the float16 KV of a live
+f16 cache in that format on disk and restores it to float16: smaller, not exact (opt-in; see
+``benchmarks/kv_quality.py`` for what it costs). Only float16 tensors are transcoded, each
+layer's bytes of a piece as one run of values (rows of 32-value groups: K, and V with flash
+attention on; along the cells of each dimension for a transposed V); tensors of other types
+(a live q8_0 cache) and cell records are stored as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .errors import ConfigError
+from .state import Piece, Shape, piece_regions
+
+__all__ = ["CODES", "code_of", "to_rest", "from_rest"]
+
+GGML_F16 = 1
+CODES: Dict[str, int] = {"q8_0": 1, "q4_0": 2, "q4_1": 3, "iq4_nl": 4}
+_NAMES = {v: k for k, v in CODES.items()}
+
+
+def code_of(at_rest: Optional[str]) -> int:
+    """The header code of an at-rest format (0: exact); ConfigError for unknown names."""
+    if at_rest is None or at_rest == "exact":
+        return 0
+    if at_rest not in CODES:
+        raise ConfigError(f"at_rest={at_rest!r} is not a format; use None (exact) or one of "
+                          f"{', '.join(CODES)}")
+    return CODES[at_rest]
+
+
+def _transcoded(n: int, t: int) -> bool:
+    return t == GGML_F16 and n % 64 == 0  # whole groups of 32 float16 values
+
+
+def to_rest(shape: Shape, piece: Piece, code: int) -> Piece:
+    """``piece`` with its float16 tensors in the at-rest format ``code``."""
+    if code == 0:
+        return piece
+    from . import quant
+    fmt = _NAMES[code]
+    data = np.frombuffer(piece.data, dtype=np.uint8)
+    parts: List[np.ndarray] = [data[:piece.cells_len]]
+    for off, n, t in piece_regions(shape, piece):
+        region = data[off:off + n]
+        parts.append(np.frombuffer(quant.encode(region, fmt), np.uint8) if _transcoded(n, t) else region)
+    return Piece(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len,
+                 np.concatenate(parts))
+
+
+def from_rest(shape: Shape, piece: Piece, code: int) -> Piece:
+    """The float16 piece back from its at-rest form (raises CorruptEntry on a size mismatch)."""
+    if code == 0:
+        return piece
+    from . import quant
+    from .errors import CorruptEntry
+    fmt = _NAMES[code]
+    src = np.frombuffer(piece.data, dtype=np.uint8)
+    regions = piece_regions(shape, piece)
+    total = piece.cells_len + sum(n for _, n, _ in regions)
+    out = np.empty(total, dtype=np.uint8)
+    out[:piece.cells_len] = src[:piece.cells_len]
+    i = piece.cells_len
+    for off, n, t in regions:
+        size = quant.encoded_size(n // 2, fmt) if _transcoded(n, t) else n
+        if i + size > src.size:
+            raise CorruptEntry("at-rest piece is shorter than its shape says")
+        if _transcoded(n, t):
+            quant.decode(src[i:i + size], fmt, out=out[off:off + n].view(np.uint16))
+        else:
+            out[off:off + n] = src[i:i + size]
+        i += size
+    if i != src.size:
+        raise CorruptEntry("at-rest piece is longer than its shape says")
+    return Piece(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len, out)
