@@ -193,3 +193,22 @@ def test_misuse_raises_named_errors(llm, tmp_path):
     with pytest.raises(AgentKVError):
         with mem.agent("a"):
             pass
+
+
+def test_cli_lists_verifies_and_collects(llm, tmp_path):
+    import subprocess
+    import sys
+    key = save_two_agents(llm, tmp_path, "block")
+    cli = [sys.executable, "-m", "agentkv"]
+    out = subprocess.run(cli + ["ls", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "agent" in out.stdout and " a\n" in out.stdout and " b\n" in out.stdout
+    ok = subprocess.run(cli + ["verify", str(tmp_path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.count(": ok") == 2
+    path = payload_file_of(tmp_path, key)
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 1
+    open(path, "wb").write(bytes(data))
+    bad = subprocess.run(cli + ["verify", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "a: DAMAGED" in bad.stdout and "b: ok" in bad.stdout
+    gc = subprocess.run(cli + ["gc", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert gc.stdout.startswith("0 unreferenced")
