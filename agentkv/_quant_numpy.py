@@ -2,8 +2,8 @@
 
 Every function here gives bit-identical output to its native counterpart; the tests check it.
 The quantizers follow ggml's reference quantizers (``ggml-quants.c``:
-``quantize_row_q8_0_ref``, ``quantize_row_q4_0_ref``, ``quantize_row_q4_1_ref``) operation by
-operation, in float32, including what they do with signed zeros, infinities and NaN:
+``quantize_row_q8_0_ref``, ``quantize_row_q4_0_ref``, ``quantize_row_q4_1_ref``,
+``quantize_row_iq4_nl_ref``) operation by operation, in float32, including what they do with signed zeros, infinities and NaN:
 
 * every float -> integer conversion is C's truncating cast as x86 executes it: a NaN or an
   out-of-range value becomes INT32_MIN, and the cast to 8 bits keeps the low byte;
@@ -133,8 +133,59 @@ def _q4_1(x: np.ndarray) -> np.ndarray:
     return out
 
 
-_ENCODERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1}
-BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                        dtype=np.int8)
+_IQ4NL_F = IQ4NL_VALUES.astype(_F32)
+_GROUP_MAX_EPS = _F32(1e-15)
+
+
+def _best_index(al: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8 over IQ4NL_VALUES: nearest value, a tie goes up, NaN -> 15."""
+    mu = np.clip(np.searchsorted(_IQ4NL_F, al, side="right"), 1, 15)  # NaN sorts last
+    with np.errstate(invalid="ignore", over="ignore"):
+        lower = (al - _IQ4NL_F[mu - 1]) < (_IQ4NL_F[mu] - al)
+    idx = np.where(lower, mu - 1, mu)
+    idx = np.where(al >= _IQ4NL_F[15], 15, idx)
+    return np.where(al <= _IQ4NL_F[0], 0, idx)
+
+
+def _seq_sum(t: np.ndarray) -> np.ndarray:
+    """``s = 0; for v in row: s += v`` in float32, exactly (numpy's sum is pairwise)."""
+    return np.cumsum(np.concatenate([np.zeros((t.shape[0], 1), _F32), t], axis=1),
+                     axis=1, dtype=_F32)[:, -1]
+
+
+def _iq4_nl(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_iq4_nl_ref (quantize_row_iq4_nl_impl, no weights, ntry = -1).
+
+    A block whose largest magnitude is below 1e-15 gets scale 0 and nibbles 8 (value +1, so
+    it decodes to +0.0); ggml leaves whatever its scratch buffer held in those nibbles.
+    """
+    a = np.where(np.isnan(x), _F32(-1.0), np.abs(x))
+    idx = np.argmax(a, axis=1)
+    amax = np.take_along_axis(a, idx[:, None], axis=1)[:, 0]
+    vmax = np.where(amax > 0, np.take_along_axis(x, idx[:, None], axis=1)[:, 0], _F32(0.0))
+    small = ~(np.maximum(amax, _F32(0.0)) >= _GROUP_MAX_EPS)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        w = x * x
+        d0 = (vmax / _F32(-127.0)).astype(_F32)
+        idv = (_F32(1.0) / np.where(small, _F32(1.0), d0)).astype(_F32)
+        L = _best_index(x * idv[:, None])
+        q = _IQ4NL_F[L]
+        wq = w * q
+        sumqx = _seq_sum(wq * x)
+        sumq2 = _seq_sum(wq * q)
+        d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, _F32(1.0)), _F32(0.0))
+    d = np.where(small, _F32(0.0), d).astype(_F32)
+    L = np.where(small[:, None], 8, L).astype(np.uint8)
+    out = np.empty((x.shape[0], 18), dtype=np.uint8)
+    out[:, 0:2] = f32_to_f16_bits(d).reshape(-1, 1).view(np.uint8)
+    out[:, 2:] = L[:, :16] | (L[:, 16:] << np.uint8(4))
+    return out
+
+
+_ENCODERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "iq4_nl": _iq4_nl}
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "iq4_nl": 18}
 
 
 def encode(f16: np.ndarray, fmt: str, out: np.ndarray) -> None:
@@ -155,6 +206,8 @@ def decode(q: np.ndarray, fmt: str, out: np.ndarray) -> None:
             n = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=1).astype(np.int32)
             if fmt == "q4_0":
                 y = (n - 8).astype(_F32) * d
+            elif fmt == "iq4_nl":
+                y = d * _IQ4NL_F[n]
             else:
                 m = _f16_to_f32(b[:, 2:4].copy().view(np.uint16))
                 y = (n.astype(_F32) * d) + m

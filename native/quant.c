@@ -1,5 +1,5 @@
 /*
- * agentkv native kernels: KV rows at rest (float16 <-> ggml q8_0 / q4_0 / q4_1 blocks) and
+ * agentkv native kernels: KV rows at rest (float16 <-> ggml q8_0 / q4_0 / q4_1 / iq4_nl blocks) and
  * the gather/scatter of cell ranges of transposed-V spans.
  *
  * Every kernel takes raw buffers and returns 0 on success, a negative code on bad arguments.
@@ -8,7 +8,8 @@
  * by operation in float32:
  *   - float -> int casts behave as x86's cvttss2si: NaN / out of range -> INT32_MIN, and an
  *     int8_t cast keeps the low byte (written out here, so nothing is undefined behaviour);
- *   - q8_0's MAX(amax, |v|) scan lets a NaN reset the running maximum; q4_0/q4_1 skip NaN;
+ *   - q8_0's MAX(amax, |v|) scan lets a NaN reset the running maximum; the others skip NaN;
+ *   - iq4_nl's least-squares sums run in order, in float32, as ggml's loop does;
  *   - scales are stored with ggml's float -> half conversion (RNE, NaN -> sign | 0x7E00),
  *     decoded values are rounded to half the same way.
  * The SIMD paths (x86 AVX2 + F16C, picked at run time) handle blocks of finite values whose
@@ -31,7 +32,10 @@
 #include <immintrin.h>
 #endif
 
-enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_Q4_1 = 2 };
+enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_Q4_1 = 2, FMT_IQ4_NL = 3, N_FMT = 4 };
+
+static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                 1, 13, 25, 38, 53, 69, 89, 113};
 enum { QK = 32 };
 
 /* ---- scalar helpers ------------------------------------------------------------------- */
@@ -141,12 +145,61 @@ static void dec_q4_1_ref(const uint8_t *src, uint16_t *dst) {
     }
 }
 
+/* ggml's best_index_int8(16, IQ4NL, x). */
+static inline int best_index(float x) {
+    if (x <= IQ4NL[0]) return 0;
+    if (x >= IQ4NL[15]) return 15;
+    int ml = 0, mu = 15;
+    while (mu - ml > 1) {
+        int mav = (ml + mu) / 2;
+        if (x < IQ4NL[mav]) mu = mav; else ml = mav;
+    }
+    return x - IQ4NL[mu - 1] < IQ4NL[mu] - x ? mu - 1 : mu;
+}
+
+/* quantize_row_iq4_nl_ref (quantize_row_iq4_nl_impl without weights, ntry = -1). A block
+ * below GROUP_MAX_EPS gets scale 0 and nibbles 8 (ggml leaves scratch contents there). */
+static void enc_iq4_nl_ref(const uint16_t *src, uint8_t *dst) {
+    float x[QK], amax = 0.0f, max = 0.0f;
+    uint8_t L[QK];
+    for (int j = 0; j < QK; j++) {
+        x[j] = h2f(src[j]);
+        float ax = fabsf(x[j]);
+        if (ax > amax) { amax = ax; max = x[j]; }
+    }
+    float d = 0.0f;
+    if (amax < 1e-15f) {
+        memset(L, 8, sizeof L);
+    } else {
+        const float id = 1.0f / (max / (float)IQ4NL[0]);
+        float sumqx = 0.0f, sumq2 = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            const int l = best_index(id * x[j]);
+            L[j] = (uint8_t)l;
+            const float q = IQ4NL[l], w = x[j] * x[j];
+            sumqx += w * q * x[j];
+            sumq2 += w * q * q;
+        }
+        d = sumq2 > 0 ? sumqx / sumq2 : 0.0f;
+    }
+    put16(dst, f2h(d));
+    for (int j = 0; j < QK / 2; j++) dst[2 + j] = (uint8_t)(L[j] | (L[j + QK / 2] << 4));
+}
+
+static void dec_iq4_nl_ref(const uint8_t *src, uint16_t *dst) {
+    const float d = h2f(get16(src));
+    for (int j = 0; j < QK / 2; j++) {
+        dst[j] = f2h(d * IQ4NL[src[2 + j] & 0x0F]);
+        dst[j + QK / 2] = f2h(d * IQ4NL[src[2 + j] >> 4]);
+    }
+}
+
 typedef void (*enc_fn)(const uint16_t *, uint8_t *);
 typedef void (*dec_fn)(const uint8_t *, uint16_t *);
 
-static const int BLOCK_BYTES[3] = {34, 18, 20};
-static const enc_fn ENC_REF[3] = {enc_q8_0_ref, enc_q4_0_ref, enc_q4_1_ref};
-static const dec_fn DEC_REF[3] = {dec_q8_0_ref, dec_q4_0_ref, dec_q4_1_ref};
+static const int BLOCK_BYTES[N_FMT] = {34, 18, 20, 18};
+static const enc_fn ENC_REF[N_FMT] = {enc_q8_0_ref, enc_q4_0_ref, enc_q4_1_ref, enc_iq4_nl_ref};
+static const dec_fn DEC_REF[N_FMT] = {dec_q8_0_ref, dec_q4_0_ref, dec_q4_1_ref, dec_iq4_nl_ref};
 
 static inline int half_finite(uint16_t h) { return (h & 0x7C00) != 0x7C00; }
 
@@ -305,8 +358,76 @@ AVX2 static void dec_q4_1_avx2(const uint8_t *src, uint16_t *dst) {
         store_h(dst + 8 * k, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(n[k]), d), m));
 }
 
-static const enc_fn ENC_AVX2[3] = {enc_q8_0_avx2, enc_q4_0_avx2, enc_q4_1_avx2};
-static const dec_fn DEC_AVX2[3] = {dec_q8_0_avx2, dec_q4_0_avx2, dec_q4_1_avx2};
+AVX2 static void dec_iq4_nl_avx2(const uint8_t *src, uint16_t *dst) {
+    const uint16_t dh = get16(src);
+    if (!half_finite(dh)) { dec_iq4_nl_ref(src, dst); return; }
+    const __m256 d = _mm256_set1_ps(h2f(dh));
+    const __m128i lut = _mm_loadu_si128((const __m128i *)IQ4NL);
+    __m128i b = _mm_loadu_si128((const __m128i *)(src + 2));
+    __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, _mm_set1_epi8(0x0F)));
+    __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F)));
+    __m128i v[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; k++)
+        store_h(dst + 8 * k, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v[k]))));
+}
+
+static const float IQ4NL_F[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                  1, 13, 25, 38, 53, 69, 89, 113};
+
+AVX2 static inline __m256 iq4nl_lookup(__m256i i) {
+    const __m256 lo = _mm256_loadu_ps(IQ4NL_F), hi = _mm256_loadu_ps(IQ4NL_F + 8);
+    __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7)));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, i), _mm256_permutevar8x32_ps(hi, i), upper);
+}
+
+/* Finite blocks above GROUP_MAX_EPS: best_index in SIMD (count of values <= al, then the
+ * same float distance test), products in SIMD, the two sums in order, as ggml adds them. */
+AVX2 static void enc_iq4_nl_avx2(const uint16_t *src, uint8_t *dst) {
+    if (!block_finite(src)) { enc_iq4_nl_ref(src, dst); return; }
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 x[4], a[4];
+    load32(src, x);
+    for (int k = 0; k < 4; k++) a[k] = _mm256_and_ps(x[k], absmask);
+    const float amax = hmax(_mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3])));
+    if (!(amax >= 1e-15f)) { enc_iq4_nl_ref(src, dst); return; }
+    const __m256 am = _mm256_set1_ps(amax);
+    uint32_t hit = 0;
+    for (int k = 0; k < 4; k++)
+        hit |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a[k], am, _CMP_EQ_OQ)) << (8 * k);
+    const float max = h2f(src[__builtin_ctz(hit)]);
+    const __m256 id = _mm256_set1_ps(1.0f / (max / (float)IQ4NL[0]));
+    const __m256i one = _mm256_set1_epi32(1), fifteen = _mm256_set1_epi32(15);
+    float tqx[QK], tq2[QK];
+    __m256i L[4];
+    for (int k = 0; k < 4; k++) {
+        const __m256 al = _mm256_mul_ps(id, x[k]);
+        __m256i cnt = _mm256_setzero_si256();
+        for (int i = 0; i < 16; i++)   /* minus the all-ones masks: the count of values <= al */
+            cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(
+                _mm256_cmp_ps(al, _mm256_set1_ps(IQ4NL_F[i]), _CMP_GE_OQ)));
+        __m256i mu = _mm256_min_epi32(_mm256_max_epi32(cnt, one), fifteen);
+        __m256i mu1 = _mm256_sub_epi32(mu, one);
+        __m256 lower = _mm256_cmp_ps(_mm256_sub_ps(al, iq4nl_lookup(mu1)),
+                                     _mm256_sub_ps(iq4nl_lookup(mu), al), _CMP_LT_OQ);
+        __m256i l = _mm256_add_epi32(mu, _mm256_castps_si256(lower));   /* mu - 1 where lower */
+        l = _mm256_blendv_epi8(l, fifteen, _mm256_castps_si256(
+            _mm256_cmp_ps(al, _mm256_set1_ps(IQ4NL_F[15]), _CMP_GE_OQ)));
+        l = _mm256_andnot_si256(_mm256_castps_si256(
+            _mm256_cmp_ps(al, _mm256_set1_ps(IQ4NL_F[0]), _CMP_LE_OQ)), l);
+        L[k] = l;
+        const __m256 q = iq4nl_lookup(l);
+        const __m256 wq = _mm256_mul_ps(_mm256_mul_ps(x[k], x[k]), q);
+        _mm256_storeu_ps(tqx + 8 * k, _mm256_mul_ps(wq, x[k]));
+        _mm256_storeu_ps(tq2 + 8 * k, _mm256_mul_ps(wq, q));
+    }
+    float sumqx = 0.0f, sumq2 = 0.0f;
+    for (int j = 0; j < QK; j++) { sumqx += tqx[j]; sumq2 += tq2[j]; }
+    put16(dst, f2h(sumq2 > 0 ? sumqx / sumq2 : 0.0f));
+    store_nibbles(L, dst + 2);
+}
+
+static const enc_fn ENC_AVX2[N_FMT] = {enc_q8_0_avx2, enc_q4_0_avx2, enc_q4_1_avx2, enc_iq4_nl_avx2};
+static const dec_fn DEC_AVX2[N_FMT] = {dec_q8_0_avx2, dec_q4_0_avx2, dec_q4_1_avx2, dec_iq4_nl_avx2};
 #endif
 
 /* ---- dispatch and the exported API ---------------------------------------------------- */
@@ -331,11 +452,11 @@ AKV_API const char *akv_isa(void) { return use_simd() ? "avx2+f16c" : "scalar"; 
 static int g_force_scalar = 0;
 AKV_API void akv_force_scalar(int on) { g_force_scalar = on; }
 
-AKV_API int akv_block_bytes(int fmt) { return fmt >= 0 && fmt < 3 ? BLOCK_BYTES[fmt] : -1; }
+AKV_API int akv_block_bytes(int fmt) { return fmt >= 0 && fmt < N_FMT ? BLOCK_BYTES[fmt] : -1; }
 
 /* n half values (a multiple of 32) from src -> n/32 blocks in dst. */
 AKV_API int akv_encode(int fmt, const uint16_t *src, size_t n, uint8_t *dst) {
-    if (fmt < 0 || fmt >= 3 || n % QK) return -1;
+    if (fmt < 0 || fmt >= N_FMT || n % QK) return -1;
     enc_fn f = ENC_REF[fmt];
 #ifdef AKV_X86
     if (use_simd() && !g_force_scalar) f = ENC_AVX2[fmt];
@@ -347,7 +468,7 @@ AKV_API int akv_encode(int fmt, const uint16_t *src, size_t n, uint8_t *dst) {
 
 /* n/32 blocks from src -> n half values in dst. */
 AKV_API int akv_decode(int fmt, const uint8_t *src, size_t n, uint16_t *dst) {
-    if (fmt < 0 || fmt >= 3 || n % QK) return -1;
+    if (fmt < 0 || fmt >= N_FMT || n % QK) return -1;
     dec_fn f = DEC_REF[fmt];
 #ifdef AKV_X86
     if (use_simd() && !g_force_scalar) f = DEC_AVX2[fmt];

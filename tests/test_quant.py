@@ -118,7 +118,11 @@ def test_quantizers_are_ggml_bit_for_bit(ggml, kernels, fmt, case):
     q = quant.encode(f16, fmt, kernels=kernels)
     ref = ggml_encode(ggml, fmt, f16)
     bb = quant.block_bytes(fmt)
-    bad = np.flatnonzero((q != ref).reshape(-1, bb).any(axis=1))
+    differs = (q != ref).reshape(-1, bb)
+    if fmt == "iq4_nl":  # ggml leaves scratch contents in the nibbles of a scale-0 block
+        x = f16.view(np.float16).astype(np.float32).reshape(-1, 32)
+        differs[np.where(np.isnan(x), 0, np.abs(x)).max(axis=1, initial=0) < 1e-15, 2:] = False
+    bad = np.flatnonzero(differs.any(axis=1))
     assert bad.size == 0, f"{bad.size} blocks differ from ggml, first {bad[:5]}"
     back = quant.decode(ref, fmt, kernels=kernels).view(np.uint16)
     assert np.array_equal(back, ggml_decode(ggml, fmt, ref, f16.size))
@@ -145,9 +149,10 @@ def test_error_bounds_and_sizes(fmt):
     assert q.nbytes == quant.encoded_size(x.size, fmt) == x.size // 32 * quant.block_bytes(fmt)
     err = np.abs(quant.roundtrip(x, fmt).astype(np.float32) - x.astype(np.float32))
     scale = np.abs(x.astype(np.float32)).reshape(-1, 32).max(axis=1, keepdims=True)
-    # half a step (of 2 * amax / 15 at most for q4_1); q4_0's grid is -8..7 steps, so the side opposite the block maximum loses a
-    # whole step; plus the float16 roundings of the scale and of the result
-    step = {"q8_0": 0.5 / 127, "q4_0": 1 / 8, "q4_1": 1 / 15}[fmt]  # q4_1: half of (max - min) / 15
+    # half a step (q4_1: of 2 * amax / 15 at most; q4_0: a whole one on the side opposite the
+    # block maximum, its grid is -8..7; iq4_nl: about half its widest gap, 24 of 127), plus
+    # the float16 roundings of the scale and of the result
+    step = {"q8_0": 0.5 / 127, "q4_0": 1 / 8, "q4_1": 1 / 15, "iq4_nl": 0.15}[fmt]
     assert np.all(err.reshape(-1, 32) <= scale * (step + 2.0 ** -9))
 
 
