@@ -2,7 +2,7 @@
 
 Command::
 
-    .venv/bin/python benchmarks/kv_quality.py [--formats q8_0,q4_0,q4_1] [--continue 64]
+    .venv/bin/python benchmarks/kv_quality.py [--formats q8_0,q4_0,q4_1,iq4_nl] [--continue 64]
                                               [--sizes 2000] [--json out.json]
 
 Model: the default Gemma 3 270M Q4_K_M, ``chat_format="gemma"``, ``flash_attn=True``,
@@ -25,6 +25,16 @@ second half scored in one batch with logits at every position (teacher forcing);
 top-1 agreement and mean KL per position over that half. ``--sizes N`` also measures the
 sequence-state bytes per token of an N-token context for live f16 / q8_0 / q4_0 caches and
 for the f16 state with its rows transcoded (slower: three N-token prefills).
+
+Measured here (x86_64, 2 shared cores; ``--sizes 2000``, 622 s; benchmarks/results/)::
+
+    format     top-1    mean KL  greedy same  (min)      ppl  ppl chg  ho top-1     ho KL
+    exact     100.0%   0.00e+00         64.0     64   23.638   +0.00%    100.0%  0.00e+00
+    1-ulp     100.0%   1.84e-03         64.0     64   23.550   -0.37%     95.8%  4.03e-03
+    q8_0       87.5%   7.51e-03         56.0      0   23.631   -0.03%     96.3%  5.87e-03
+    q4_0      100.0%   1.62e-01         26.2      3   23.992   +1.50%     88.9%  3.49e-02
+    q4_1       87.5%   2.12e-01         31.2      0   23.735   +0.41%     88.9%  2.57e-02
+    iq4_nl    100.0%   1.23e-01         40.1      1   24.173   +2.26%     90.5%  2.14e-02
 """
 
 from __future__ import annotations
