@@ -1,4 +1,4 @@
-"""Quality of KV at rest: an f16 cache round-tripped through q8_0 / q4_0 / q4_1 vs exact.
+"""Quality of KV at rest: an f16 cache round-tripped through q8_0 / q4_0 / q4_1 / iq4_nl vs exact.
 
 Command::
 
