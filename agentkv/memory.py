@@ -3,14 +3,16 @@
 A turn for agent A, from the caller's side (``mem.create_chat_completion("A", ...)``):
 
 1. take the context (one turn at a time, whatever the thread);
-2. if A is live, nothing moves; otherwise snapshot the live agent into the RAM tier (its disk
-   write is queued behind) and restore A from RAM, else from disk, else start A cold;
+2. if A is live, nothing moves; otherwise the live agent's snapshot moves into the RAM tier
+   and A is restored from RAM, else from disk, else from the longest stored prefix of its
+   prompt (the engine asks when the prompt is known), else A starts cold;
 3. run the call through the ordinary ``Llama`` API; ``Llama.generate`` prefix-matches A's
    restored tokens and evaluates only the new suffix;
-4. release the context. A stays live until another agent needs the context.
+4. snapshot A (its incremental disk write is queued behind) and release the context. A stays
+   live until another agent needs the context; switching away from it then moves no bytes.
 
-Snapshots leaving RAM wait for their disk write, so the RAM budget bounds memory and every
-evicted agent is recoverable, also after a restart.
+Snapshots leaving RAM wait for their disk write, so the RAM budget bounds memory; every agent
+is on disk after each of its turns (a crash loses at most the turn in flight).
 """
 
 from __future__ import annotations
@@ -368,6 +370,7 @@ class AgentMemory:
                 self._stats.hits[record.source] += 1
             try:
                 yield self._engine.llm
+                self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
@@ -479,7 +482,8 @@ class AgentMemory:
         if drop:
             self._store.drop(agent_id)
 
-    def _flush_locked(self) -> None:
+    def _save_live(self) -> None:
+        """Snapshot the live agent (kept as its current snapshot) and queue its disk write."""
         if self._live is not None and self._live_saved is None:
             t0 = time.perf_counter()
             snap = self._engine.snapshot()
@@ -487,6 +491,9 @@ class AgentMemory:
             self._live_saved = snap
             with self._state_lock:
                 self._stats.save_seconds += time.perf_counter() - t0
+
+    def _flush_locked(self) -> None:
+        self._save_live()
         self._writer.drain()
 
     # -- shared prefixes ------------------------------------------------------------------
