@@ -202,6 +202,12 @@ def seq_state(llm: Any) -> np.ndarray:
     return buf
 
 
+def last_logits(llm: Any) -> np.ndarray:
+    """A copy of the logits of the last evaluated token."""
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
 def clear_kv(llm: Any) -> None:
     llm.reset()
     llm._ctx.kv_cache_seq_rm(-1, 0, -1)
