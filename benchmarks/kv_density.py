@@ -158,7 +158,7 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ctx-tokens", type=int, default=2000)
     ap.add_argument("--team", type=int, default=8, help="agents sharing the system prompt (0: skip)")
@@ -172,7 +172,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quality", default=None, help="kv_quality.py's JSON, for the lossy modes")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG: bytes per token per storage mode")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     model = args.model or bu.default_model()
     modes = storage_modes()
     if not any(m["at_rest"] for m in modes):

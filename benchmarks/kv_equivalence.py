@@ -244,7 +244,7 @@ def print_row(row: Dict[str, Any]) -> None:
         print(f"      {'note' if row['verdict'] == 'N/A' else 'problem'}: {p}", flush=True)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default="f16,q8_0,q4_0", help="live KV cache types to check")
     ap.add_argument("--paths", default=",".join(PATHS), help="restore paths to check")
@@ -256,12 +256,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workdir", default=None, help="where the temporary cache dirs go")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    bad = [t for t in args.types.split(",") if t not in bu.CACHE_TYPES] + \
+          [p for p in args.paths.split(",") if p not in PATHS]
+    if bad:
+        ap.error(f"unknown cache type or path: {', '.join(bad)}")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     model = args.model or bu.default_model()
     types = [t for t in args.types.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]
-    bad = [t for t in types if t not in bu.CACHE_TYPES] + [p for p in paths if p not in PATHS]
-    if bad:
-        ap.error(f"unknown cache type or path: {', '.join(bad)}")
     print(f"model {os.path.basename(model)}; {len(SYSTEM)}-char system prompt; greedy, "
           f"{MAX_TOKENS} tokens per answer; hashes are xxh3-128 (first 16 hex digits shown)")
     results = []
