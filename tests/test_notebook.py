@@ -37,7 +37,10 @@ def test_agent_chain_notebook_runs_and_restores(tmp_path, monkeypatch):
     assert stats["hits"]["cold"] == 3  # each agent's first turn
     assert stats["hits"]["ram"] + stats["hits"]["disk"] == 6  # every return was restored
     assert stats["hits"]["disk"] >= 1  # the RAM budget holds one snapshot: some returns read disk
-    assert stats["restored"] > 5 * stats["evaluated"] / 9  # returns evaluated only new messages
+    returns = [t for t in stats["turns_table"] if t["round"] > 0]
+    assert all(t["tier"] in ("ram", "disk") for t in returns)
+    assert all(t["evaluated"] < 100 for t in returns)  # only the new message, no silent prefill
+    assert all(t["restored"] > 500 for t in returns)
     images = [o for c in nb.cells for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "the TTFT plot was not drawn"
