@@ -124,12 +124,20 @@ def measure_team(model: str, mode: Dict[str, Any], team: int, system_tokens: int
 
 
 def load_quality(path: Optional[str]) -> Dict[str, Dict[str, Any]]:
-    """Quality metrics per mode from kv_quality.py's JSON: {mode: {...}}, {"modes": {...}} or
-    a list of rows with a "mode" key (under "results" or at the top)."""
+    """Quality metrics per mode from kv_quality.py's JSON.
+
+    kv_quality.py writes ``{"formats": {"exact": {...}, "q8_0": {...}, "q4_0": {...}}}`` (at-rest
+    formats of f16 KV); also accepted: ``{mode: {...}}``, ``{"modes": {...}}`` or a list of rows
+    with a "mode" key (under "results" or at the top).
+    """
     if not path:
         return {}
     with open(path) as f:
         doc = json.load(f)
+    if isinstance(doc, dict) and isinstance(doc.get("formats"), dict):
+        names = {"exact": "f16"}
+        return {names.get(k, k if k.startswith(("live-", "at-rest-")) else f"at-rest-{k}"): v
+                for k, v in doc["formats"].items() if isinstance(v, dict)}
     if isinstance(doc, dict) and "modes" in doc:
         doc = doc["modes"]
     if isinstance(doc, dict) and "results" in doc:
@@ -138,6 +146,15 @@ def load_quality(path: Optional[str]) -> Dict[str, Dict[str, Any]]:
         return {str(r["mode"]): {k: v for k, v in r.items() if k != "mode"}
                 for r in doc if isinstance(r, dict) and "mode" in r}
     return {str(k): v for k, v in doc.items() if isinstance(v, dict)}
+
+
+def short_quality(q: Dict[str, Any]) -> str:
+    """The headline quality metrics, when present (kv_quality.py's names)."""
+    keys = ("top1", "kl", "heldout_ppl_change", "greedy_same_mean")
+    shown = {k: q[k] for k in keys if isinstance(q.get(k), (int, float))}
+    if not shown:
+        return json.dumps(q)[:80]
+    return " ".join(f"{k}={v:.4g}" for k, v in shown.items())
 
 
 def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
@@ -194,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         r = measure_single(model, mode, args.ctx_tokens, n_ctx, args.threads, args.workdir)
         r["quality"] = quality.get(mode["mode"], {} if not mode["lossy"] else None)
         rows.append(r)
-        q = "exact" if not mode["lossy"] else (json.dumps(r["quality"]) if r["quality"] else "n/a")
+        q = "exact" if not mode["lossy"] else (short_quality(r["quality"]) if r["quality"] else "n/a")
         print(f"{r['mode']:13s} {r['tokens']:6d} {r['state_bytes'] / 1e6:9.2f} "
               f"{r['disk_bytes'] / 1e6:8.2f} {r['bytes_per_token']:8.0f} {r['agents_per_gb']:9.1f}  {q}",
               flush=True)
