@@ -238,7 +238,7 @@ def print_summary(summary: Dict[str, Any], args, extra: Dict[str, Any]) -> None:
           f"ctx_tokens={extra['ctx_tokens']} turn_tokens={args.turn_tokens} "
           f"repeats={args.repeats} threads={args.threads} cold_disk={args.cold_disk} "
           f"(cache on {extra['cache_fs']})")
-    print(f"hits: {extra['hits']}   bytes on disk: {extra['disk_bytes'] / 1e6:.1f} MB   "
+    print(f"hits (all repeats): {extra['hits']}   bytes on disk: {extra['disk_bytes'] / 1e6:.1f} MB   "
           f"read bandwidth ({'cold' if args.cold_disk else 'warm'}): "
           f"{extra['read_bandwidth']['bytes_per_s'] / 1e6:.0f} MB/s")
     hdr = (f"{'return':8s} {'tier':6s} {'n':>3s} {'naive med':>10s} {'agentkv med':>11s} "
@@ -320,7 +320,7 @@ def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
     progress = bu.Progress(args.repeats * (len(sched) * n_agents + n_returning),
                            label=f"ctx {ctx_tokens}")
     rows: List[dict] = []
-    stats = None
+    hits: Dict[str, int] = {}
     bandwidth: Dict[str, float] = {"bytes_per_s": float("inf")}
     disk_bytes = 0
     cache_fs = "unknown"
@@ -330,7 +330,9 @@ def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
         try:
             ours, prompts, stats = run_agentkv(llm, args, contexts, extra, cache_dir, ram_budget,
                                                rep, progress)
-            disk_bytes = stats.disk_bytes
+            disk_bytes = stats.disk_bytes  # the last repeat's: every repeat stores the same
+            for tier, n in stats.hits.items():
+                hits[tier] = hits.get(tier, 0) + n
             payloads = [p for p in bu.files_under(cache_dir) if os.path.getsize(p) >= 1 << 16]
             if not args.cold_disk:  # warm: what agentkv reads is in the page cache
                 bu.read_bandwidth(payloads, cold=False)
@@ -342,7 +344,7 @@ def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
         attach_floors([x for x in rows if x.get("repeat") == rep], bandwidth)
     summary = summarize(rows)
     return {"ctx_tokens": ctx_tokens, "ram_budget": ram_budget, "disk_bytes": disk_bytes,
-            "hits": stats.hits if stats else {}, "read_bandwidth": bandwidth,
+            "hits": hits, "read_bandwidth": bandwidth,
             "cache_fs": cache_fs, "summary": summary, "turns": rows}
 
 
