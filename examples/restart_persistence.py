@@ -69,7 +69,8 @@ def phase_two(args, messages: List[dict]) -> None:
     naive = first_token(llm.create_chat_completion(messages=messages, temperature=0, max_tokens=16,
                                                    stream=True))
     print(f"process 2: researcher's KV came from {turn.source}; evaluated "
-          f"{turn.prompt_tokens_evaluated} new tokens, restored {turn.prompt_tokens_restored}; "
+          f"{turn.prompt_tokens_evaluated} new tokens, restored {turn.prompt_tokens_restored} "
+          f"(restore {turn.restore_seconds * 1e3:.1f} ms); "
           f"TTFT {ttft * 1e3:.1f} ms vs {naive * 1e3:.1f} ms re-prefilled ({naive / ttft:.0f}x)")
     llm.close()
 
