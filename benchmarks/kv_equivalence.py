@@ -1,0 +1,287 @@
+"""The exactness proof: an evicted agent's tokens and logits equal a never-evicted agent's.
+
+Command (exit status 0 means every hash matched and every restore was confirmed)::
+
+    .venv/bin/python benchmarks/kv_equivalence.py --json equivalence.json
+    .venv/bin/python benchmarks/kv_equivalence.py --require-prefix     # once issue 3 has landed
+
+For each live KV cache type (f16, q8_0, q4_0: ``Llama(type_k=..., type_v=..., flash_attn=True)``)
+and each path a returning agent's KV can take:
+
+- ``ram``: evicted between turns into the RAM tier (a second agent takes the context);
+- ``disk``: the same with no RAM budget, so every return reads disk;
+- ``restart``: every turn on a new ``Llama`` and a new ``AgentMemory`` over the same cache_dir;
+- ``prefix``: a new agent whose prompt starts with a system prompt another agent stored; it
+  should start from that stored prefix (source "prefix"). Until the block store lands this path
+  reports "not available" instead of failing (``--require-prefix`` makes it a failure).
+
+a chat of a few turns (system prompt longer than Gemma 3's 512-token sliding window, greedy
+decoding) runs twice: never evicted on the bare ``Llama``, and evicted through agentkv. After the
+last turn the token ids in the context and the last logits are hashed (xxh3-128) for both runs.
+A path passes when both hashes are equal, every answer is equal, and ``mem.last_turn`` shows that
+each returning turn really came from the expected tier with only its new tokens evaluated (no
+silent prefill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import xxhash
+from llama_cpp import Llama
+
+from agentkv import AgentMemory
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil as bu  # noqa: E402
+
+PATHS = ("ram", "disk", "restart", "prefix")
+# ~700 tokens: longer than the 512-token SWA window, so every restore exercises SWA layers.
+SYSTEM = ("You are a careful member of a software team. " + " ".join(
+    f"Rule {i}: before step {i}, reread the plan and note one risk." for i in range(48)))
+QUESTIONS = ["Plan a small command-line todo app.", "Now add due dates.",
+             "Summarize the plan in one sentence."]
+OTHER_QUESTIONS = ["List three risks of the todo app.", "Which risk matters most?"]
+MAX_TOKENS = 12
+# A returning turn evaluates only its new message: the chat template's few tokens plus the
+# question. More than this means a silent prefill.
+MAX_NEW_EVAL = 64
+
+
+def make_llm(model: str, cache_type: str, n_ctx: int, threads: int) -> Llama:
+    t = bu.CACHE_TYPES[cache_type]
+    return Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, flash_attn=True, type_k=t,
+                 type_v=t, chat_format="gemma", verbose=False)
+
+
+def hashes(llm: Llama) -> Dict[str, str]:
+    tokens = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32)
+    logits = np.asarray(bu.last_logits(llm), dtype=np.float32)
+    return {"tokens": xxhash.xxh3_128_hexdigest(tokens.tobytes()),
+            "logits": xxhash.xxh3_128_hexdigest(logits.tobytes()), "n_tokens": int(tokens.size)}
+
+
+def chat(step: Callable[[list], str], questions: List[str]) -> List[str]:
+    """Each turn sends the whole history plus one new question; returns the answers."""
+    messages: list = []
+    answers = []
+    for i, q in enumerate(questions):
+        content = f"{SYSTEM}\n{q}" if i == 0 else q
+        messages = messages + [{"role": "user", "content": content}]
+        answer = step(messages)
+        answers.append(answer)
+        messages = messages + [{"role": "assistant", "content": answer}]
+    return answers
+
+
+def text(out: Dict[str, Any]) -> str:
+    return out["choices"][0]["message"]["content"]
+
+
+def reference(llm: Llama, questions: List[str]) -> Tuple[List[str], Dict[str, str]]:
+    """The never-evicted run: the bare Llama, its own prefix reuse only."""
+    bu.clear_kv(llm)
+    answers = chat(lambda m: text(llm.create_chat_completion(
+        messages=m, temperature=0, max_tokens=MAX_TOKENS)), questions)
+    return answers, hashes(llm)
+
+
+def turn_row(mem: AgentMemory) -> Dict[str, Any]:
+    t = mem.last_turn
+    return {"source": t.source, "evaluated": t.prompt_tokens_evaluated,
+            "restored": t.prompt_tokens_restored}
+
+
+def evicted_in_process(llm: Llama, cache_dir: str, ram_budget: int,
+                       questions: List[str]) -> Tuple[List[str], Dict[str, str], List[dict]]:
+    """The subject agent, displaced by another agent after every turn."""
+    turns: List[dict] = []
+    final: Dict[str, str] = {}
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget) as mem:
+        def step(messages):
+            out = mem.create_chat_completion("subject", messages=messages, temperature=0,
+                                             max_tokens=MAX_TOKENS)
+            turns.append(turn_row(mem))
+            final.update(hashes(llm))
+            mem.create_completion("other", f"Note {len(turns)}: nothing to add.", max_tokens=2,
+                                  temperature=0)
+            return text(out)
+
+        answers = chat(step, questions)
+    return answers, final, turns
+
+
+def evicted_by_restart(model: str, cache_type: str, n_ctx: int, threads: int, cache_dir: str,
+                       questions: List[str]) -> Tuple[List[str], Dict[str, str], List[dict]]:
+    """Every turn on a new Llama and a new AgentMemory over the same cache_dir."""
+    turns: List[dict] = []
+    final: Dict[str, str] = {}
+
+    def step(messages):
+        llm = make_llm(model, cache_type, n_ctx, threads)
+        try:
+            with AgentMemory(llm, cache_dir=cache_dir, ram_budget="1GiB") as mem:
+                out = mem.create_chat_completion("subject", messages=messages, temperature=0,
+                                                 max_tokens=MAX_TOKENS)
+                turns.append(turn_row(mem))
+                final.update(hashes(llm))
+        finally:
+            llm.close()
+        return text(out)
+
+    answers = chat(step, questions)
+    return answers, final, turns
+
+
+def evicted_from_prefix(llm: Llama, cache_dir: str,
+                        questions: List[str]) -> Tuple[List[str], Dict[str, str], List[dict]]:
+    """A writer stores SYSTEM + its question; a new reader starting with SYSTEM follows."""
+    turns: List[dict] = []
+    final: Dict[str, str] = {}
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=0) as mem:
+        mem.create_chat_completion("writer", messages=[
+            {"role": "user", "content": f"{SYSTEM}\n{QUESTIONS[0]}"}], temperature=0,
+            max_tokens=MAX_TOKENS)
+        mem.evict("writer")
+
+        def step(messages):
+            out = mem.create_chat_completion("reader", messages=messages, temperature=0,
+                                             max_tokens=MAX_TOKENS)
+            turns.append(turn_row(mem))
+            final.update(hashes(llm))
+            mem.create_completion("other", f"Note {len(turns)}: nothing to add.", max_tokens=2,
+                                  temperature=0)
+            return text(out)
+
+        answers = chat(step, questions)
+    return answers, final, turns
+
+
+def confirm(path: str, turns: List[dict]) -> Tuple[Optional[str], List[str]]:
+    """(status override, problems): checks every return came from the expected tier."""
+    problems = []
+    if path == "prefix":
+        first = turns[0]
+        if first["source"] != "prefix":
+            return "not available", [f"first turn of the new agent came from "
+                                     f"{first['source']!r}, not 'prefix'"]
+        if first["restored"] <= 0:
+            problems.append("prefix turn restored no tokens")
+        expected, returning = "disk", turns[1:]
+    else:
+        if turns[0]["source"] != "cold":
+            problems.append(f"first turn came from {turns[0]['source']!r}, expected 'cold'")
+        expected, returning = ("ram" if path == "ram" else "disk"), turns[1:]
+    for k, t in enumerate(returning, start=1):
+        if t["source"] != expected:
+            problems.append(f"turn {k}: came from {t['source']!r}, expected {expected!r}")
+        if t["evaluated"] > MAX_NEW_EVAL:
+            problems.append(f"turn {k}: evaluated {t['evaluated']} prompt tokens (silent prefill?)")
+        if t["restored"] <= 0:
+            problems.append(f"turn {k}: restored no tokens")
+    return None, problems
+
+
+def check(model: str, cache_type: str, paths: List[str], n_ctx: int, threads: int,
+          require_prefix: bool, workdir: str) -> List[dict]:
+    llm = make_llm(model, cache_type, n_ctx, threads)
+    results = []
+    refs: Dict[str, Tuple[List[str], Dict[str, str]]] = {}
+    try:
+        for path in paths:
+            questions = OTHER_QUESTIONS if path == "prefix" else QUESTIONS
+            key = "prefix" if path == "prefix" else "main"
+            if key not in refs:
+                refs[key] = reference(llm, questions)
+            ref_answers, ref_hash = refs[key]
+            cache_dir = tempfile.mkdtemp(prefix=f"kv-eq-{cache_type}-{path}-", dir=workdir)
+            if path == "ram":
+                answers, got, turns = evicted_in_process(llm, cache_dir, 1 << 30, questions)
+            elif path == "disk":
+                answers, got, turns = evicted_in_process(llm, cache_dir, 0, questions)
+            elif path == "restart":
+                answers, got, turns = evicted_by_restart(model, cache_type, n_ctx, threads,
+                                                         cache_dir, questions)
+            else:
+                answers, got, turns = evicted_from_prefix(llm, cache_dir, questions)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            status, problems = confirm(path, turns)
+            same = (got.get("tokens") == ref_hash["tokens"] and got.get("logits") == ref_hash["logits"]
+                    and answers == ref_answers)
+            if not same:
+                problems.append("hashes or answers differ from the never-evicted run")
+            if status == "not available" and not require_prefix:
+                verdict = "N/A"
+            elif status == "not available" or problems:
+                verdict = "FAIL"
+            else:
+                verdict = "PASS"
+            row = {"cache_type": cache_type, "path": path, "verdict": verdict,
+                   "never_evicted": ref_hash, "evicted": got, "answers_equal": answers == ref_answers,
+                   "turns": turns, "problems": problems}
+            results.append(row)
+            print_row(row)
+    finally:
+        llm.close()
+    return results
+
+
+def print_row(row: Dict[str, Any]) -> None:
+    ref, got = row["never_evicted"], row["evicted"]
+    tiers = ",".join(f"{t['source']}/{t['evaluated']}" for t in row["turns"])
+    print(f"{row['cache_type']:5s} {row['path']:8s} {row['verdict']:4s} "
+          f"tokens {ref['tokens'][:16]} vs {got.get('tokens', '-')[:16]}  "
+          f"logits {ref['logits'][:16]} vs {got.get('logits', '-')[:16]}  "
+          f"turns (source/evaluated) {tiers}", flush=True)
+    for p in row["problems"]:
+        print(f"      {'note' if row['verdict'] == 'N/A' else 'problem'}: {p}", flush=True)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", default="f16,q8_0,q4_0", help="live KV cache types to check")
+    ap.add_argument("--paths", default=",".join(PATHS), help="restore paths to check")
+    ap.add_argument("--require-prefix", action="store_true",
+                    help="fail when the prefix path shows no 'prefix' restore")
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None, help="a GGUF path (default: the gemma3 270M package)")
+    ap.add_argument("--workdir", default=None, help="where the temporary cache dirs go")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    bad = [t for t in args.types.split(",") if t not in bu.CACHE_TYPES] + \
+          [p for p in args.paths.split(",") if p not in PATHS]
+    if bad:
+        ap.error(f"unknown cache type or path: {', '.join(bad)}")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    model = args.model or bu.default_model()
+    types = [t for t in args.types.split(",") if t]
+    paths = [p for p in args.paths.split(",") if p]
+    print(f"model {os.path.basename(model)}; {len(SYSTEM)}-char system prompt; greedy, "
+          f"{MAX_TOKENS} tokens per answer; hashes are xxh3-128 (first 16 hex digits shown)")
+    results = []
+    for cache_type in types:
+        results += check(model, cache_type, paths, args.n_ctx, args.threads, args.require_prefix,
+                         args.workdir)
+    verdicts = [r["verdict"] for r in results]
+    print(f"\n{verdicts.count('PASS')} passed, {verdicts.count('FAIL')} failed, "
+          f"{verdicts.count('N/A')} not available")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": bu.machine(), "args": vars(args), "results": results}, f, indent=1)
+    return 1 if "FAIL" in verdicts else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

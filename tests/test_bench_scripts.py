@@ -1,0 +1,36 @@
+"""The TTFT benchmark runs end to end at a toy size and writes what BENCHMARKS.md reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agent_memory_bench_measures_agentkv_naive_and_floor(tmp_path):
+    bench = load("agent_memory_bench")
+    out, png = tmp_path / "ttft.json", tmp_path / "ttft.png"
+    assert bench.main(["--agents", "2", "--ram-slots", "1", "--rounds", "2", "--ctx-tokens", "200",
+                       "--turn-tokens", "8", "--max-tokens", "2", "--cold-disk",
+                       "--cache-root", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["versions"]["llama_cpp_python"]
+    assert doc["hits"]["disk"] == 4 and doc["hits"]["cold"] == 2  # 1 slot: every return reads disk
+    for kind in ("resume", "turn"):
+        row = doc["summary"][kind]["disk"]
+        assert row["returns"] == 2
+        assert row["floor"]["median_ms"] > 0 and row["agentkv_over_floor"] > 0
+        assert row["naive"]["median_ms"] > 0
+    returns = [t for t in doc["turns"] if t["mode"] == "agentkv" and t["kind"] != "build"]
+    assert all(t["evaluated"] == (0 if t["kind"] == "resume" else 8) for t in returns)
+    assert all(t["bytes_read"] > 0 and t["floor_read_s"] > 0 for t in returns)
+    assert png.stat().st_size > 0
