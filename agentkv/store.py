@@ -239,8 +239,9 @@ class DiskStore:
 
     def _collect(self, candidates: Iterable[str]) -> None:
         """Delete the candidate payloads unless a record on disk still holds them.
-        Call with the write lock held."""
-        candidates = [k for k in candidates if k not in self._refs]
+        Call with the cross-process write lock held."""
+        with self._lock:
+            candidates = [k for k in candidates if k not in self._refs]
         if not candidates:
             return
         held: Set[str] = set()
@@ -324,15 +325,16 @@ class DiskStore:
 
     def _commit(self, key: str, r: Record, sizes: Dict[str, int], keep: str) -> None:
         """Write the record, swap it into the index, collect, and hold the budget.
-        Call with both locks held."""
+        Call with the cross-process write lock held; readers only wait for the index swap."""
         self._cache.set(key, r.to_bytes())
-        freed = self._index_remove(key)
-        self._index_add(key, r, sizes)
-        while self._bytes > self.budget and len(self._records) > 1:
-            victim = next(k for k in self._records if k != keep)
-            log.info("disk budget: dropping %s (%d bytes held)", victim, self._bytes)
-            self._cache.delete(victim)
-            freed += self._index_remove(victim)
+        with self._lock:
+            freed = self._index_remove(key)
+            self._index_add(key, r, sizes)
+            while self._bytes > self.budget and len(self._records) > 1:
+                victim = next(k for k in self._records if k != keep)
+                log.info("disk budget: dropping %s (%d bytes held)", victim, self._bytes)
+                self._cache.delete(victim)
+                freed += self._index_remove(victim)
         self._collect(freed)
         self._seen_len = len(self._cache)
 
@@ -357,18 +359,17 @@ class DiskStore:
                    tail="kv/" + tail_key, shape=shape.to_json())
         r.last_used = now
         key = agent_key(agent_id)
-        with self._lock:
-            token = self._acquire()
-            try:
-                sizes: Dict[str, int] = {}
-                written = self._write_blocks(blocks, sizes)
-                sizes[r.tail] = len(tail_payload)
-                if r.tail not in self._cache:
-                    self._cache.set(r.tail, tail_payload)
-                    written += len(tail_payload)
-                self._commit(key, r, sizes, keep=key)
-            finally:
-                self._release(token)
+        token = self._acquire()
+        try:
+            sizes: Dict[str, int] = {}
+            written = self._write_blocks(blocks, sizes)
+            sizes[r.tail] = len(tail_payload)
+            if r.tail not in self._cache:
+                self._cache.set(r.tail, tail_payload)
+                written += len(tail_payload)
+            self._commit(key, r, sizes, keep=key)
+        finally:
+            self._release(token)
         return r, written
 
     def put_cut(self, snap: Snapshot, fingerprint: bytes) -> int:
@@ -384,49 +385,49 @@ class DiskStore:
                    fingerprint.hex(), now, shape=shape.to_json())
         r.last_used = now
         key = "cut/" + r.name
-        with self._lock:
-            token = self._acquire()
-            try:
-                sizes: Dict[str, int] = {}
-                written = self._write_blocks(blocks, sizes)
-                self._commit(key, r, sizes, keep=key)
-            finally:
-                self._release(token)
+        token = self._acquire()
+        try:
+            sizes: Dict[str, int] = {}
+            written = self._write_blocks(blocks, sizes)
+            self._commit(key, r, sizes, keep=key)
+        finally:
+            self._release(token)
         return written
 
     def drop(self, agent_id: str) -> bool:
         """Remove the agent's manifest; its payloads go unless another record holds them.
         True if it was stored."""
         key = agent_key(agent_id)
-        with self._lock:
-            token = self._acquire()
-            try:
+        token = self._acquire()
+        try:
+            with self._lock:
                 known = key in self._records or key in self._cache
                 self._cache.delete(key)
-                self._collect(self._index_remove(key))
-                self._seen_len = len(self._cache)
-            finally:
-                self._release(token)
+                freed = self._index_remove(key)
+            self._collect(freed)
+            self._seen_len = len(self._cache)
+        finally:
+            self._release(token)
         return known
 
     def collect(self) -> int:
         """Delete every payload no record on disk holds (orphans of killed writers included);
         return how many went."""
-        with self._lock:
-            token = self._acquire()
-            try:
+        token = self._acquire()
+        try:
+            with self._lock:
                 self._refresh(force=True)
-                held: Set[str] = set()
-                for r in self._scan().values():
-                    held.update(r.keys())
-                gone = 0
-                for key in list(self._cache.iterkeys()):
-                    if isinstance(key, str) and key.startswith(("blk/", "kv/")) and key not in held:
-                        self._cache.delete(key)
-                        gone += 1
-                return gone
-            finally:
-                self._release(token)
+            held: Set[str] = set()
+            for r in self._scan().values():
+                held.update(r.keys())
+            gone = 0
+            for key in list(self._cache.iterkeys()):
+                if isinstance(key, str) and key.startswith(("blk/", "kv/")) and key not in held:
+                    self._cache.delete(key)
+                    gone += 1
+            return gone
+        finally:
+            self._release(token)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -158,6 +158,10 @@ def run_naive_and_floor(llm: Llama, args, prompts: List[dict], progress: bu.Prog
                  "agent": p["agent"], "state_bytes": int(blob.nbytes),
                  "tokenize_s": bu.tokenize_seconds(llm, text)}
         suffix = prompt[n_hist:]
+        # The exact floor: the same KV laid out as a never-evicted context holds it (SWA cells
+        # at index == position, what agentkv restores); the bare state above restores a layout
+        # whose logits differ in the last bits (see README, "Exact restores").
+        floor["exact_set_data_s"] = bu.bare_set_data(llm, bu.never_evicted_layout(llm, blob))
         if suffix:
             floor.update(bu.set_data_then_prefill(llm, blob, prompt[:n_hist], suffix))
         else:
@@ -195,6 +199,7 @@ def attach_floors(rows: List[dict], bandwidth: Dict[str, float]) -> None:
         x["floor_s"] = f["set_data_s"] + f["suffix_prefill_s"] + read_s
         x["floor_read_s"] = read_s
         x["floor_with_tokenize_s"] = x["floor_s"] + f["tokenize_s"]
+        x["floor_exact_s"] = f["exact_set_data_s"] + f["suffix_prefill_s"] + read_s
         x["naive_ttft_s"] = naive[key(x)]["ttft_s"]
 
 
@@ -215,9 +220,10 @@ def summarize(rows: List[dict]) -> Dict[str, Any]:
             n = [x["naive_ttft_s"] for x in g]
             fl = [x["floor_s"] for x in g]
             ft = [x["floor_with_tokenize_s"] for x in g]
+            fe = [x["floor_exact_s"] for x in g]
             row = {"returns": len(g), "evaluated_median": statistics.median(x["evaluated"] for x in g),
                    "naive": bu.summarize(n), "agentkv": bu.summarize(a), "floor": bu.summarize(fl),
-                   "floor_with_tokenize": bu.summarize(ft),
+                   "floor_with_tokenize": bu.summarize(ft), "floor_exact": bu.summarize(fe),
                    "floor_parts_median_ms": {
                        part: statistics.median(x[f"floor_{part}_s"] for x in g) * 1e3
                        for part in ("set_data", "read", "suffix_prefill", "tokenize")},
@@ -226,6 +232,7 @@ def summarize(rows: List[dict]) -> Dict[str, Any]:
             row["speedup_vs_naive"] = statistics.median(n) / statistics.median(a)
             row["agentkv_over_floor"] = statistics.median(a) / statistics.median(fl)
             row["agentkv_over_floor_with_tokenize"] = statistics.median(a) / statistics.median(ft)
+            row["agentkv_over_exact_floor"] = statistics.median(a) / statistics.median(fe)
             out[kind][name] = row
     return out
 
@@ -243,7 +250,7 @@ def print_summary(summary: Dict[str, Any], args, extra: Dict[str, Any]) -> None:
           f"{extra['read_bandwidth']['bytes_per_s'] / 1e6:.0f} MB/s")
     hdr = (f"{'return':8s} {'tier':6s} {'n':>3s} {'naive med':>10s} {'agentkv med':>11s} "
            f"{'p90':>9s} {'floor med':>10s} {'+tokenize':>10s} {'naive/akv':>10s} "
-           f"{'akv/floor':>9s} {'akv/fl+tok':>10s}")
+           f"{'akv/floor':>9s} {'akv/fl+tok':>10s} {'exact fl':>9s} {'akv/exact':>9s}")
     print(hdr)
     for kind, groups in summary.items():
         for name, row in groups.items():
@@ -253,7 +260,8 @@ def print_summary(summary: Dict[str, Any], args, extra: Dict[str, Any]) -> None:
                   f"{row['floor']['median_ms']:8.2f}ms "
                   f"{row['floor_with_tokenize']['median_ms']:8.2f}ms "
                   f"{row['speedup_vs_naive']:9.1f}x {row['agentkv_over_floor']:8.2f}x "
-                  f"{row['agentkv_over_floor_with_tokenize']:9.2f}x")
+                  f"{row['agentkv_over_floor_with_tokenize']:9.2f}x "
+                  f"{row['floor_exact']['median_ms']:7.2f}ms {row['agentkv_over_exact_floor']:8.2f}x")
 
 
 def plot_turns(rows: List[dict], path: str, title: str) -> None:
