@@ -11,7 +11,7 @@ An agent's KV is stored as immutable blocks plus a small tail:
   its chain key, so a block can never be assembled under another prefix;
 - the **tail** holds what is not a whole block (the last partial block, pieces of streams
   that are not block-shaped), the token ids, the carried logits, the state's shape and the
-  digest of the whole assembled state;
+  digest of all the state's pieces (:func:`pieces_digest`);
 - a **record** (JSON) lists a stored state's chain keys and block keys per cache: an agent's
   manifest (with its tail), or a *cut*: the prefix ``0..n-1`` shared by several agents,
   stored with the SWA window that makes it restorable for a new agent.
@@ -44,13 +44,13 @@ from .errors import CorruptEntry, FingerprintMismatch
 from .state import Piece, Shape
 
 __all__ = ["chain_keys", "encode_block", "decode_block", "Tail", "encode_tail", "decode_tail",
-           "Record", "state_digest"]
+           "Record", "pieces_digest"]
 
 _DIGEST = 16
 _BLOCK = struct.Struct("<4sHH16s16sBBHIIIQ")
 _TAIL = struct.Struct("<4sHH16s16sIIII")
 _PIECE = struct.Struct("<BBHIIIQ")
-_VERSION = 1
+_VERSION = 2
 _RECORD_VERSION = 2
 
 
@@ -70,8 +70,14 @@ def chain_keys(fingerprint: bytes, tokens: Any, block_tokens: int, n_blocks: Opt
     return keys
 
 
-def state_digest(state: Any) -> bytes:
-    return xxhash.xxh3_128(memoryview(state).cast("B")).digest()
+def pieces_digest(shape: Shape, pieces: Sequence[Piece]) -> bytes:
+    """xxh3-128 of a state's shape and its pieces in (cache, stream, position) order: the
+    state itself, whether it is assembled with padding or not."""
+    h = xxhash.xxh3_128(json.dumps(shape.to_json(), separators=(",", ":")).encode())
+    for p in sorted(pieces, key=lambda p: (p.cache, p.stream, p.pos0)):
+        h.update(struct.pack("<BBIII", p.cache, p.stream, p.pos0, p.count, p.cells_len))
+        h.update(memoryview(np.ascontiguousarray(np.frombuffer(p.data, np.uint8))).cast("B"))
+    return h.digest()
 
 
 def _seal(parts: Sequence[Any]) -> Tuple[bytes, str]:
@@ -137,7 +143,7 @@ class Tail:
     logits: Optional[np.ndarray]
     shape: Shape
     pieces: List[Piece]
-    digest: bytes  # xxh3-128 of the whole assembled state
+    digest: bytes  # pieces_digest of the whole state
 
 
 def encode_tail(tail: Tail, fingerprint: bytes, rest: int = 0) -> Tuple[bytes, str]:

@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard depe
 
 from . import state as seqstate
 from .errors import CorruptEntry, NotALlama, RestoreFailed
-from .snapshot import Snapshot, check_state
+from .snapshot import Parts, Snapshot, check_state
 
 __all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "hash_file"]
 
@@ -194,8 +194,11 @@ class Engine:
         n = snap.n_tokens
         if n > self.llm.n_ctx():
             raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
-        parsed = check_state(snap.state, n)
-        blob, floor = self._layout_like_never_evicted(snap.state, parsed, n)
+        if isinstance(snap.state, Parts):
+            blob, floor = self._assemble_like_never_evicted(snap.state, n)
+        else:
+            parsed = check_state(snap.state, n)
+            blob, floor = self._layout_like_never_evicted(snap.state, parsed, n)
         self.clear()
         if n == 0:
             return
@@ -221,6 +224,28 @@ class Engine:
             return False
         np.ctypeslib.as_array(ptr, shape=(n_vocab,))[:] = logits
         return True
+
+    def _assemble_like_never_evicted(self, parts: Parts, n: int):
+        """Assemble pieces read from disk straight into the layout :meth:`_layout_like_never_evicted`
+        gives a blob (one copy instead of two); return it (checked) and its SWA floor."""
+        shape, pieces = parts.shape, parts.pieces
+        last = len(shape.caches) - 1
+        swa = [p for p in pieces if p.cache == last] if self.n_swa > 0 and last > 0 else []
+        floor = min((p.pos0 for p in swa), default=0)
+        front = None
+        if (n > 0 and floor > 0 and self.swa_full and len({p.stream for p in swa}) == 1
+                and all(p.cells_len == 12 * p.count for p in swa)):
+            front = {last: 0}
+        try:
+            blob = seqstate.assemble(shape, pieces, front)
+        except ValueError as exc:
+            raise CorruptEntry(f"stored pieces do not assemble: {exc}") from exc
+        parsed = check_state(blob, n)
+        if front is not None:
+            stream = parsed.caches[last].only_stream()
+            if stream is None or not stream.is_contiguous or stream.pos_min != 0:
+                raise CorruptEntry("stored SWA cells are not one contiguous run")
+        return blob, floor
 
     def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):
         """The blob to load and the SWA floor it leaves (see state.py on padding)."""

@@ -9,16 +9,29 @@ becomes token blocks and a tail (blocks.py, store.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from . import state as seqstate
 from .errors import CorruptEntry
 
-__all__ = ["Snapshot", "check_state"]
+__all__ = ["Snapshot", "Parts", "check_state"]
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A state as read from disk: its shape and its pieces in position order, checked and
+    not yet assembled (the engine assembles it in the layout it restores)."""
+
+    shape: seqstate.Shape
+    pieces: Tuple[seqstate.Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -27,13 +40,13 @@ class Snapshot:
 
     Attributes:
         tokens: int32 token ids, ``tokens[i]`` sits at position ``i``.
-        state: the blob from ``llama_state_seq_get_data`` (any buffer).
+        state: the blob from ``llama_state_seq_get_data`` (any buffer), or its :class:`Parts`.
         logits: float32 logits after the last token, when the context had them; a restore
             that carries them lets the next turn sample at once instead of replaying a token.
     """
 
     tokens: np.ndarray
-    state: Buffer
+    state: Union[Buffer, Parts]
     logits: Optional[np.ndarray] = None
 
     @property
@@ -43,7 +56,8 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.logits is None else int(self.logits.nbytes)
-        return int(self.tokens.nbytes) + memoryview(self.state).nbytes + extra
+        state = self.state.nbytes if isinstance(self.state, Parts) else memoryview(self.state).nbytes
+        return int(self.tokens.nbytes) + state + extra
 
 
 def check_state(state: Buffer, n_tokens: int) -> seqstate.SeqState:

@@ -462,10 +462,37 @@ def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
     return shape_of(state), pieces
 
 
-def assemble(shape: Shape, pieces: Sequence[Piece]) -> np.ndarray:
+class _Pad(Piece):
+    """Masked zero cells put in front of a stream by :func:`assemble` (``data``: the cell
+    records only; the tensor rows are the zeros of a calloc'd buffer)."""
+
+    @property
+    def nbytes(self) -> int:  # not used for the size check
+        return self.cells_len
+
+
+def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int) -> Optional[_Pad]:
+    count = first.pos0 - new_pos_min
+    if count <= 0:
+        return None
+    if first.cells_len != 12 * first.count:
+        raise ValueError("only streams of simple cells can be padded")
+    seq = int(np.frombuffer(first.data, dtype=_CELL_DTYPE, count=1)["seq_id"][0])
+    cells = np.zeros(count, dtype=_CELL_DTYPE)
+    cells["pos"] = np.arange(new_pos_min, first.pos0, dtype=np.int32)
+    cells["n_seq_id"] = 1
+    cells["seq_id"] = seq
+    return _Pad(cache, stream, new_pos_min, count, 12 * count, cells.view(np.uint8))
+
+
+def assemble(shape: Shape, pieces: Sequence[Piece],
+             front: Optional[Dict[int, int]] = None) -> np.ndarray:
     """The blob made of ``shape`` and ``pieces`` (each stream's pieces in position order).
 
-    Raises CorruptEntry when the pieces do not fit the shape (wrong stream, wrong size).
+    ``front`` maps a cache index to a first position: that cache's stream gets masked,
+    zero-filled cells in front of its pieces down to it (what :func:`set_front` does to a
+    blob, without a second copy). Raises CorruptEntry when the pieces do not fit the shape
+    (wrong stream, wrong size).
     """
     by_stream: Dict[Tuple[int, int], List[Piece]] = {}
     for p in pieces:
@@ -477,6 +504,17 @@ def assemble(shape: Shape, pieces: Sequence[Piece]) -> np.ndarray:
             raise CorruptEntry(f"piece of {p.count} cells has {p.nbytes} bytes; its stream's "
                                "shape wants another size")
         by_stream.setdefault((p.cache, p.stream), []).append(p)
+    for ci, new_pos_min in (front or {}).items():
+        keys = [k for k in by_stream if k[0] == ci]
+        if len(keys) != 1:
+            raise ValueError(f"cache {ci} has {len(keys)} streams with cells; cannot pad it")
+        pad = _pad_piece(ci, keys[0][1], by_stream[keys[0]][0], new_pos_min)
+        if pad is not None:
+            by_stream[keys[0]].insert(0, pad)
+
+    def size(p: Piece, sh: StreamShape) -> int:
+        return p.cells_len + p.count * sh.data_per_cell
+
     total = 8
     for ci, streams in enumerate(shape.caches):
         total += 4
@@ -484,8 +522,9 @@ def assemble(shape: Shape, pieces: Sequence[Piece]) -> np.ndarray:
             total += 4
             ps = by_stream.get((ci, si), [])
             if sh is not None and ps:
-                total += 8 + 12 * len(sh.k) + 12 * len(sh.v) + sum(p.nbytes for p in ps)
-    out = np.empty(total, dtype=np.uint8)
+                total += 8 + 12 * len(sh.k) + 12 * len(sh.v) + sum(size(p, sh) for p in ps)
+    padded = any(isinstance(p, _Pad) for ps in by_stream.values() for p in ps)
+    out = (np.zeros if padded else np.empty)(total, dtype=np.uint8)  # calloc: pads cost no writes
     o = 0
 
     def put(raw: Any) -> None:
@@ -509,11 +548,20 @@ def assemble(shape: Shape, pieces: Sequence[Piece]) -> np.ndarray:
                 put(d[:p.cells_len])
             put(struct.pack("<II", int(sh.v_trans), len(sh.k)))
             offs = [p.cells_len for p in ps]  # read cursor inside each piece
-            for t, row in sh.k:
-                put(struct.pack("<iQ", t, row))
+            pads = [isinstance(p, _Pad) for p in ps]
+
+            def rows(row: int) -> None:
+                nonlocal o
                 for j, (p, d) in enumerate(zip(ps, datas)):
+                    if pads[j]:
+                        o += p.count * row  # stays zero
+                        continue
                     put(d[offs[j]: offs[j] + p.count * row])
                     offs[j] += p.count * row
+
+            for t, row in sh.k:
+                put(struct.pack("<iQ", t, row))
+                rows(row)
             for hdr in sh.v:
                 if sh.v_trans:
                     t, el, n_embd = hdr
@@ -522,15 +570,14 @@ def assemble(shape: Shape, pieces: Sequence[Piece]) -> np.ndarray:
                     col = 0
                     for j, (p, d) in enumerate(zip(ps, datas)):
                         w = p.count * el
-                        dst[:, col:col + w] = d[offs[j]: offs[j] + n_embd * w].reshape(n_embd, w)
-                        offs[j] += n_embd * w
+                        if not pads[j]:
+                            dst[:, col:col + w] = d[offs[j]: offs[j] + n_embd * w].reshape(n_embd, w)
+                            offs[j] += n_embd * w
                         col += w
                     o += n_embd * n * el
                 else:
                     t, row = hdr
                     put(struct.pack("<iQ", t, row))
-                    for j, (p, d) in enumerate(zip(ps, datas)):
-                        put(d[offs[j]: offs[j] + p.count * row])
-                        offs[j] += p.count * row
+                    rows(row)
     assert o == total
     return out

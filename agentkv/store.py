@@ -17,7 +17,7 @@ agents (a shared system prompt) are stored once.
 Crash safety: a save writes blocks, then the tail, then the record; diskcache commits a row
 only after its file is written. A process killed in the middle leaves unreferenced blocks
 (collected later), never a record pointing at missing or half-written data. Reads are
-lock-free and check everything (digests, chain keys, the assembled state's digest).
+lock-free and check everything (digests, chain keys, the digest of all of a state's pieces).
 
 Collection: payloads no record references are deleted. Records of other processes count:
 before deleting, the collector re-reads every record on disk under the cross-process lock,
@@ -41,10 +41,10 @@ import xxhash
 
 from . import state as seqstate
 from .blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
-                     encode_tail, state_digest)
+                     encode_tail, pieces_digest)
 from .atrest import from_rest, to_rest
 from .errors import CorruptEntry, FingerprintMismatch
-from .snapshot import Snapshot
+from .snapshot import Parts, Snapshot
 
 __all__ = ["DiskStore", "SafeDisk", "agent_key"]
 
@@ -305,12 +305,8 @@ class DiskStore:
                 rest.append(p)
         if whole_only and rest:
             return None
-        if self.at_rest:  # the digest of what a restore will assemble
-            back = sorted((from_rest(shape, p, self.at_rest) for p in pieces),
-                          key=lambda p: (p.cache, p.stream, p.pos0))
-            digest = state_digest(seqstate.assemble(shape, back))
-        else:
-            digest = state_digest(snap.state)
+        # the digest of what a restore will assemble (after transcoding back, if lossy)
+        digest = pieces_digest(shape, [from_rest(shape, p, self.at_rest) for p in pieces])
         return chain, shape, first, blocks, rest, digest
 
     def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int]) -> int:
@@ -486,11 +482,11 @@ class DiskStore:
             break
         pieces += [from_rest(tail.shape, p, self.at_rest) for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
-        blob = seqstate.assemble(tail.shape, pieces)
-        if state_digest(blob) != tail.digest:
-            raise CorruptEntry("assembled state does not match the digest it was saved with")
+        if pieces_digest(tail.shape, pieces) != tail.digest:
+            raise CorruptEntry("the state's pieces do not match the digest they were saved with")
         self._touch(key)
-        return Snapshot(tail.tokens, blob, tail.logits), nread + len(tail_raw)
+        return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits),
+                nread + len(tail_raw))
 
     def _touch(self, key: str) -> None:
         with self._lock:
@@ -549,9 +545,10 @@ class DiskStore:
         shape = seqstate.Shape.from_json(r.shape)
         need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
         pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need)
-        blob = seqstate.assemble(shape, pieces)
+        pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(_record_key(r))
-        return Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), blob, None), nread
+        return Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
+                        None), nread
 
     def plan_cut(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int) -> int:
         """Where a new shared prefix should be stored: the end of the whole blocks ``tokens``

@@ -93,9 +93,12 @@ def ram_budget_for(llm: Llama, tokens: List[int], slots: int) -> int:
     """A RAM budget that holds ``slots`` snapshots of a ``tokens``-long context."""
     if slots <= 0:
         return 0
+    from agentkv.engine import Engine
     bu.clear_kv(llm)
     llm.eval(tokens)
-    probe = len(tokens) * 4 + int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0)) + llm.n_vocab() * 4
+    engine = Engine(llm)  # the snapshot agentkv keeps: window + margin, logits, tokens
+    engine.block_tokens = 256
+    probe = engine.snapshot().nbytes
     bu.clear_kv(llm)
     return int(probe * (slots + 0.5))
 

@@ -56,6 +56,9 @@ def test_real_blobs_split_and_assemble_byte_for_byte(blob, block_tokens):
     for b in (raw, bytes(margin_blob)):
         shape, pieces = seqstate.split(b, block_tokens)
         assert bytes(seqstate.assemble(shape, pieces)) == b
+        # assembling with padding gives what set_front gives the assembled blob
+        padded = seqstate.assemble(shape, pieces, front={1: 0})
+        assert bytes(padded) == bytes(seqstate.set_front(b, seqstate.parse(b), 1, 0))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
