@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import state as seqstate
 from .errors import AgentKVError
+from .snapshot import check_state
 from .store import DiskStore
 
 
@@ -53,7 +55,11 @@ def _verify(args: argparse.Namespace) -> int:
             store = probe if rest == 0 else _store(args.cache_dir, rest)
             try:
                 snap, nread = store.get(r.name, bytes.fromhex(r.fingerprint))
-                status = f"ok ({snap.n_tokens} tokens, {nread} bytes read)" if snap else "missing"
+                if snap is None:
+                    status = "missing"
+                else:  # assembled and parsed as llama.cpp will read it
+                    check_state(seqstate.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
+                    status = f"ok ({snap.n_tokens} tokens, {nread} bytes read)"
             except (AgentKVError, OSError) as exc:
                 status = f"DAMAGED: {exc}"
                 bad += 1
