@@ -183,6 +183,8 @@ class AgentMemory:
             self._engine.on_cold_prompt = self._restore_prefix
             self._engine.plan_cut = self._plan_cut
             self._engine.on_cut = self._store_cut
+        self._writer_may_run = threading.Event()  # cleared while a restore runs
+        self._writer_may_run.set()
         self._writer = WriteBehind(self._persist)
         self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", self._config.cache_dir,
@@ -413,7 +415,13 @@ class AgentMemory:
         t0 = time.perf_counter()
         self._evict_live()
         t1 = time.perf_counter()
-        source = self._restore(agent_id)
+        if agent_id not in self._ram:
+            self._writer.wait(agent_id)  # a snapshot of it may still be on its way to disk
+        self._writer_may_run.clear()  # background saves yield to the restore (its TTFT)
+        try:
+            source = self._restore(agent_id)
+        finally:
+            self._writer_may_run.set()
         t2 = time.perf_counter()
         self._live = agent_id
         with self._state_lock:
@@ -460,8 +468,6 @@ class AgentMemory:
         return source
 
     def _read_disk(self, agent_id: str) -> Optional[Snapshot]:
-        # A snapshot of this agent may still be on its way to disk.
-        self._writer.wait(agent_id)
         try:
             snap, nread = self._store.get(agent_id, self._fingerprint)
         except FingerprintMismatch as exc:
@@ -542,11 +548,15 @@ class AgentMemory:
         with self._state_lock:
             self._stats.save_seconds += time.perf_counter() - t0
 
+    def _yield_to_restores(self) -> None:
+        """Writer thread: wait while a restore runs (bounded, so a save is never starved)."""
+        self._writer_may_run.wait(timeout=0.5)
+
     def _persist(self, agent_id: Any, snap: Snapshot, generation: int) -> None:
         """Writer thread: put the snapshot on disk unless a newer one or a forget superseded it."""
         if isinstance(agent_id, tuple):  # a shared prefix
             t0 = time.perf_counter()
-            written = self._store.put_cut(snap, self._fingerprint)
+            written = self._store.put_cut(snap, self._fingerprint, self._yield_to_restores)
             with self._state_lock:
                 self._stats.bytes_written += written
                 self._stats.save_seconds += time.perf_counter() - t0
@@ -555,7 +565,7 @@ class AgentMemory:
             if self._wanted.get(agent_id) != generation:
                 return
         t0 = time.perf_counter()
-        _, written = self._store.put(agent_id, snap, self._fingerprint)
+        _, written = self._store.put(agent_id, snap, self._fingerprint, self._yield_to_restores)
         with self._state_lock:
             self._stats.bytes_written += written
             self._stats.save_seconds += time.perf_counter() - t0

@@ -309,12 +309,15 @@ class DiskStore:
         digest = pieces_digest(shape, [from_rest(shape, p, self.at_rest) for p in pieces])
         return chain, shape, first, blocks, rest, digest
 
-    def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int]) -> int:
+    def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int],
+                      pause: Optional[Callable[[], None]]) -> int:
         written = 0
         for per_cache in blocks:
             for key, payload in per_cache:
                 sizes[key] = len(payload)
                 if key not in self._cache:
+                    if pause is not None:
+                        pause()
                     self._cache.set(key, payload)
                     written += len(payload)
         return written
@@ -334,12 +337,16 @@ class DiskStore:
         self._collect(freed)
         self._seen_len = len(self._cache)
 
-    def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes) -> Tuple[Optional[Record], int]:
+    def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes,
+            pause: Optional[Callable[[], None]] = None) -> Tuple[Optional[Record], int]:
         """Persist ``snap`` as the agent's KV; return its manifest and the bytes written.
 
         Only blocks the store lacks are written, plus the tail. Returns ``(None, 0)`` when the
-        state alone exceeds the budget (logged).
+        state alone exceeds the budget (logged). ``pause`` is called before each step of
+        work, so that a background writer can give way to the foreground.
         """
+        if pause is not None:
+            pause()
         chain, shape, first, blocks, rest, digest = self._blocks_of(snap, fingerprint, False)
         tail_payload, tail_key = encode_tail(
             Tail(snap.tokens, snap.logits, shape, rest, digest), fingerprint, self.at_rest)
@@ -358,7 +365,7 @@ class DiskStore:
         token = self._acquire()
         try:
             sizes: Dict[str, int] = {}
-            written = self._write_blocks(blocks, sizes)
+            written = self._write_blocks(blocks, sizes, pause)
             sizes[r.tail] = len(tail_payload)
             if r.tail not in self._cache:
                 self._cache.set(r.tail, tail_payload)
@@ -368,7 +375,8 @@ class DiskStore:
             self._release(token)
         return r, written
 
-    def put_cut(self, snap: Snapshot, fingerprint: bytes) -> int:
+    def put_cut(self, snap: Snapshot, fingerprint: bytes,
+                pause: Optional[Callable[[], None]] = None) -> int:
         """Store a shared prefix (whole blocks only, SWA window included); bytes written."""
         split = self._blocks_of(snap, fingerprint, whole_only=True)
         if split is None or not split[0]:
@@ -384,7 +392,7 @@ class DiskStore:
         token = self._acquire()
         try:
             sizes: Dict[str, int] = {}
-            written = self._write_blocks(blocks, sizes)
+            written = self._write_blocks(blocks, sizes, pause)
             self._commit(key, r, sizes, keep=key)
         finally:
             self._release(token)
