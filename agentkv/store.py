@@ -348,8 +348,11 @@ class DiskStore:
         if pause is not None:
             pause()
         chain, shape, first, blocks, rest, digest = self._blocks_of(snap, fingerprint, False)
+        # Lossy at rest: no carried logits (they belong to the exact KV); a resume replays the
+        # last token on the restored KV instead, and the state is 1 MB smaller (Gemma's vocab).
+        logits = None if self.at_rest else snap.logits
         tail_payload, tail_key = encode_tail(
-            Tail(snap.tokens, snap.logits, shape, rest, digest), fingerprint, self.at_rest)
+            Tail(snap.tokens, logits, shape, rest, digest), fingerprint, self.at_rest)
         total = len(tail_payload) + sum(len(p) for bs in blocks for _, p in bs)
         if total > self.budget:
             log.warning("agent %r: %d bytes of KV exceed disk_budget=%d; not persisted",
