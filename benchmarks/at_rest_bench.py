@@ -8,7 +8,7 @@ For each context length and each mode (exact f16, live q8_0, live q4_0, f16 live
 q4_0 / iq4_nl at rest): one agent of that length is stored (``ram_budget=0``, so every return
 reads disk), displaced by a small agent, and brought back ``--repeats`` times with no new
 tokens. Reports the bytes on disk per token of context (KV only: the carried logits, 1 MB of
-float32 per agent, are counted apart), the ratio to exact f16, the median restore time (read,
+float32 per agent, are counted apart; the lossy at-rest modes do not store them), the ratio to exact f16, the median restore time (read,
 checks, transcoding back, set_data: ``last_turn.restore_seconds``) and its ratio to the exact
 restore measured in the same run, and the re-prefill time of the same context.
 """
@@ -51,7 +51,7 @@ def measure(model: str, kw: Dict[str, Any], at_rest: Optional[str], tokens: List
             mem.create_completion("other", tokens[:16], max_tokens=1, temperature=0)
             mem.flush()
             (info,) = [a for a in mem.agents() if a.agent_id == "long"]
-            kv_bytes = info.nbytes - 4 * llm.n_vocab()
+            kv_bytes = info.nbytes - (0 if at_rest else 4 * llm.n_vocab())  # lossy: no logits
             restores = []
             for _ in range(repeats):
                 mem.create_completion("long", tokens, max_tokens=1, temperature=0)
