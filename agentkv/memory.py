@@ -414,13 +414,14 @@ class AgentMemory:
         if self._live == agent_id:
             return TurnRecord(agent_id, "live")
         t0 = time.perf_counter()
+        held = self._ram.pop(agent_id)  # first: its RAM slot goes to the agent leaving
         self._evict_live()
         t1 = time.perf_counter()
-        if agent_id not in self._ram:
+        if held is None:
             self._writer.wait(agent_id)  # a snapshot of it may still be on its way to disk
         self._writer_may_run.clear()  # background saves yield to the restore (its TTFT)
         try:
-            source = self._restore(agent_id)
+            source = self._restore(agent_id, held)
         finally:
             self._writer_may_run.set()
         t2 = time.perf_counter()
@@ -451,8 +452,8 @@ class AgentMemory:
         for victim, _ in self._ram.put(agent_id, snap):
             self._writer.wait(victim)
 
-    def _restore(self, agent_id: str) -> str:
-        snap, source = self._ram.pop(agent_id), "ram"
+    def _restore(self, agent_id: str, snap: Optional[Snapshot]) -> str:
+        source = "ram"
         if snap is None:
             snap, source = self._read_disk(agent_id), "disk"
         if snap is None:
