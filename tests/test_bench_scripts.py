@@ -19,12 +19,12 @@ def load(name: str):
 def test_agent_memory_bench_measures_agentkv_naive_and_floor(tmp_path):
     bench = load("agent_memory_bench")
     out, png = tmp_path / "ttft.json", tmp_path / "ttft.png"
-    assert bench.main(["--agents", "2", "--ram-slots", "1", "--rounds", "2", "--ctx-tokens", "200",
+    assert bench.main(["--agents", "2", "--ram-slots", "0", "--rounds", "2", "--ctx-tokens", "200",
                        "--turn-tokens", "8", "--max-tokens", "2", "--cold-disk",
                        "--cache-root", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
     doc = json.loads(out.read_text())
     assert doc["machine"]["versions"]["llama_cpp_python"]
-    assert doc["hits"]["disk"] == 4 and doc["hits"]["cold"] == 2  # 1 slot: every return reads disk
+    assert doc["hits"]["disk"] == 4 and doc["hits"]["cold"] == 2  # no RAM: every return reads disk
     for kind in ("resume", "turn"):
         row = doc["summary"][kind]["disk"]
         assert row["returns"] == 2
