@@ -66,7 +66,7 @@ def main(argv: List[str] = None) -> int:
     print(f"{'round':>5}  {'agent':10s} {'KV from':7s} {'context':>7s} {'evaluated':>9s} "
           f"{'TTFT agentkv':>12s} {'TTFT naive':>10s} {'speedup':>8s}")
     speedups = []
-    with AgentMemory(llm, cache_dir=cache_dir, ram_budget="12MiB", disk_budget="2GiB") as mem:
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget="20MiB", disk_budget="2GiB") as mem:
         for r in range(args.rounds):
             task = TASKS[r % len(TASKS)]
             for agent_id, role in ROLES.items():
