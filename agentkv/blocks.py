@@ -11,7 +11,8 @@ An agent's KV is stored as immutable blocks plus a small tail:
   its chain key, so a block can never be assembled under another prefix;
 - the **tail** holds what is not a whole block (the last partial block, pieces of streams
   that are not block-shaped), the token ids, the carried logits, the state's shape and the
-  digest of all the state's pieces (:func:`pieces_digest`);
+  digest of the block keys it was saved with (:func:`blocks_digest`): blocks are checked by
+  their own keys, so this binds the manifest's list to the tail without hashing the KV twice;
 - a **record** (JSON) lists a stored state's chain keys and block keys per cache: an agent's
   manifest (with its tail), or a *cut*: the prefix ``0..n-1`` shared by several agents,
   stored with the SWA window that makes it restorable for a new agent.
@@ -20,7 +21,7 @@ Payloads (little-endian), each followed by 16 bytes of xxh3-128 of everything be
 
     block:  b"AKVB" u16 version u16 at-rest format | 16 B fingerprint | 16 B chain key | u8 cache | u8 stream
             | u16 0 | u32 pos0 | u32 count | u32 cells_len | u64 data_len | data
-    tail:   b"AKVT" u16 version u16 at-rest format | 16 B fingerprint | 16 B state digest | u32 n_tokens
+    tail:   b"AKVT" u16 version u16 at-rest format | 16 B fingerprint | 16 B blocks digest | u32 n_tokens
             | u32 n_logits | u32 shape_len | u32 n_pieces | tokens i32 | logits f32 | shape JSON
             | n_pieces x (u8 cache u8 stream u16 0 u32 pos0 u32 count u32 cells_len u64 len)
             | piece data ...
@@ -44,14 +45,14 @@ from .errors import CorruptEntry, FingerprintMismatch
 from .state import Piece, Shape
 
 __all__ = ["chain_keys", "encode_block", "decode_block", "Tail", "encode_tail", "decode_tail",
-           "Record", "pieces_digest"]
+           "Record", "blocks_digest"]
 
 _DIGEST = 16
 _BLOCK = struct.Struct("<4sHH16s16sBBHIIIQ")
 _TAIL = struct.Struct("<4sHH16s16sIIII")
 _PIECE = struct.Struct("<BBHIIIQ")
-_VERSION = 2
-_RECORD_VERSION = 2
+_VERSION = 3
+_RECORD_VERSION = 3
 
 
 def chain_keys(fingerprint: bytes, tokens: Any, block_tokens: int, n_blocks: Optional[int] = None
@@ -70,13 +71,11 @@ def chain_keys(fingerprint: bytes, tokens: Any, block_tokens: int, n_blocks: Opt
     return keys
 
 
-def pieces_digest(shape: Shape, pieces: Sequence[Piece]) -> bytes:
-    """xxh3-128 of a state's shape and its pieces in (cache, stream, position) order: the
-    state itself, whether it is assembled with padding or not."""
-    h = xxhash.xxh3_128(json.dumps(shape.to_json(), separators=(",", ":")).encode())
-    for p in sorted(pieces, key=lambda p: (p.cache, p.stream, p.pos0)):
-        h.update(struct.pack("<BBIII", p.cache, p.stream, p.pos0, p.count, p.cells_len))
-        h.update(memoryview(np.ascontiguousarray(np.frombuffer(p.data, np.uint8))).cast("B"))
+def blocks_digest(first: Sequence[int], blocks: Sequence[Sequence[str]]) -> bytes:
+    """xxh3-128 of a state's block keys, per cache with the index of its first block."""
+    h = xxhash.xxh3_128()
+    for f, keys in zip(first, blocks):
+        h.update(json.dumps([f, list(keys)], separators=(",", ":")).encode())
     return h.digest()
 
 
@@ -85,7 +84,7 @@ def _seal(parts: Sequence[Any]) -> Tuple[bytes, str]:
     for p in parts:
         h.update(p)
     digest = h.digest()
-    return b"".join([bytes(p) if not isinstance(p, bytes) else p for p in parts] + [digest]), digest.hex()
+    return b"".join([*parts, digest]), digest.hex()  # join takes any buffer: one copy
 
 
 def _open(payload: Any, magic: bytes, what: str, key: Optional[str], rest: int) -> memoryview:
@@ -143,7 +142,7 @@ class Tail:
     logits: Optional[np.ndarray]
     shape: Shape
     pieces: List[Piece]
-    digest: bytes  # pieces_digest of the whole state
+    digest: bytes  # blocks_digest of the block keys saved with this tail
 
 
 def encode_tail(tail: Tail, fingerprint: bytes, rest: int = 0) -> Tuple[bytes, str]:

@@ -4,7 +4,7 @@ Layout of the diskcache under ``cache_dir`` (keys are strings, values raw bytes;
 the payload formats)::
 
     blk/<xxh3-128 hex>     one cache's KV for one token block, named by its own digest
-    kv/<xxh3-128 hex>      an agent's tail: partial block, tokens, logits, shape, state digest
+    kv/<xxh3-128 hex>      an agent's tail: partial block, tokens, logits, shape, block-list digest
     agent/<xxh3-128 hex>   an agent's manifest (JSON record): chain keys, block keys, tail key
     cut/<chain key hex>    a shared prefix (JSON record) stored with its SWA window
     model/<xxh3-128 hex>   a cached content hash of a GGUF file, keyed by path, size and mtime
@@ -17,7 +17,7 @@ agents (a shared system prompt) are stored once.
 Crash safety: a save writes blocks, then the tail, then the record; diskcache commits a row
 only after its file is written. A process killed in the middle leaves unreferenced blocks
 (collected later), never a record pointing at missing or half-written data. Reads are
-lock-free and check everything (digests, chain keys, the digest of all of a state's pieces).
+lock-free and check everything (digests, chain keys, the tail's digest of the block list).
 
 Collection: payloads no record references are deleted. Records of other processes count:
 before deleting, the collector re-reads every record on disk under the cross-process lock,
@@ -41,7 +41,7 @@ import xxhash
 
 from . import state as seqstate
 from .blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
-                     encode_tail, pieces_digest)
+                     encode_tail, blocks_digest)
 from .atrest import from_rest, to_rest
 from .errors import CorruptEntry, FingerprintMismatch
 from .snapshot import Parts, Snapshot
@@ -305,9 +305,7 @@ class DiskStore:
                 rest.append(p)
         if whole_only and rest:
             return None
-        # the digest of what a restore will assemble (after transcoding back, if lossy)
-        digest = pieces_digest(shape, [from_rest(shape, p, self.at_rest) for p in pieces])
-        return chain, shape, first, blocks, rest, digest
+        return chain, shape, first, blocks, rest
 
     def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int],
                       pause: Optional[Callable[[], None]]) -> int:
@@ -347,7 +345,8 @@ class DiskStore:
         """
         if pause is not None:
             pause()
-        chain, shape, first, blocks, rest, digest = self._blocks_of(snap, fingerprint, False)
+        chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, False)
+        digest = blocks_digest(first, [[k for k, _ in bs] for bs in blocks])
         # Lossy at rest: no carried logits (they belong to the exact KV); a resume replays the
         # last token on the restored KV instead, and the state is 1 MB smaller (Gemma's vocab).
         logits = None if self.at_rest else snap.logits
@@ -485,6 +484,8 @@ class DiskStore:
                 chain = chain_keys(fingerprint, tail.tokens, r.block_tokens)
                 if [c.hex() for c in chain] != r.chain or tail.tokens.shape[0] != r.n_tokens:
                     raise CorruptEntry("manifest and tail disagree on the tokens")
+                if blocks_digest(r.first, r.blocks) != tail.digest:
+                    raise CorruptEntry("the manifest's blocks are not the ones its tail was saved with")
                 pieces, nread = self._load_blocks(r, tail.shape, fingerprint, chain, len(chain), 0)
             except CorruptEntry:
                 if attempt == 0 and self._cache.get(key) != raw:
@@ -493,8 +494,6 @@ class DiskStore:
             break
         pieces += [from_rest(tail.shape, p, self.at_rest) for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
-        if pieces_digest(tail.shape, pieces) != tail.digest:
-            raise CorruptEntry("the state's pieces do not match the digest they were saved with")
         self._touch(key)
         return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits),
                 nread + len(tail_raw))

@@ -45,7 +45,6 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-import llama_cpp
 from llama_cpp import Llama
 
 from agentkv import AgentMemory

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from agentkv import CorruptEntry, FingerprintMismatch
 from agentkv import state as seqstate
 from agentkv.blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
-                            encode_tail, pieces_digest)
+                            encode_tail, blocks_digest)
 from blobgen import blobs
 
 FP = bytes(range(16))
@@ -40,10 +40,10 @@ def test_block_and_tail_codecs_round_trip(blob, block_tokens):
         q = decode_block(payload, FP, key, chain[i % len(chain)], p.cache, p.pos0, p.count)
         assert bytes(q.data) == bytes(np.frombuffer(p.data, np.uint8)) and q.stream == p.stream
         back.append(q)
-    payload, key = encode_tail(Tail(tokens, np.ones(7, np.float32), shape, back, pieces_digest(shape, pieces)), FP)
+    payload, key = encode_tail(Tail(tokens, np.ones(7, np.float32), shape, back, blocks_digest([0], [['blk/x']])), FP)
     tail = decode_tail(payload, FP, key)
     assert bytes(seqstate.assemble(tail.shape, tail.pieces)) == blob
-    assert tail.digest == pieces_digest(shape, tail.pieces) and np.array_equal(tail.tokens, tokens)
+    assert tail.digest == blocks_digest([0], [['blk/x']]) and np.array_equal(tail.tokens, tokens)
     with pytest.raises(FingerprintMismatch):
         decode_tail(payload, bytes(16))
 
@@ -99,7 +99,7 @@ def test_fuzz_parser_raises_only_corrupt_entry(blob, data):
 def test_fuzz_tail_and_block_readers(blob, data):
     shape, pieces = seqstate.split(blob, 4)
     tail, tkey = encode_tail(Tail(np.arange(9, dtype=np.int32), None, shape, pieces,
-                                  pieces_digest(shape, pieces)), FP)
+                                  blocks_digest([0], [[]])), FP)
     bad = _mutate(data, tail)
     try:
         t = decode_tail(bad, FP)  # no key: only the digest guards it
