@@ -74,6 +74,11 @@ class Engine:
         self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
         self._installed = False
         self._scratch = np.empty(0, dtype=np.uint8)
+        # Disk restores assemble into this buffer, whose pages stay mapped (a fresh one costs
+        # a page fault per 4 KiB written). Its padding must read as zeros: after a restore,
+        # scrub() zeroes the ranges the assembly wrote.
+        self._asm = np.empty(0, dtype=np.uint8)
+        self._asm_dirty: list = []
         self._has_outputs = False  # the context has decoded at least once: it has a logits row
         self.on_prompt: Optional[Callable[[int, int], None]] = None  # (evaluated, reused)
         self.block_tokens = 1  # snapshots keep the SWA window from a multiple of this
@@ -131,7 +136,7 @@ class Engine:
     def clear(self) -> None:
         """Empty the context: no tokens, no KV."""
         self.llm.reset()
-        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), False)
         self._floor = 0
 
     # -- snapshot / restore ---------------------------------------------------------------
@@ -183,6 +188,12 @@ class Engine:
                 if (len(parsed.caches) == 2 and swa is not None and base is not None
                         and swa.simple_cells and base.simple_cells and swa.is_contiguous
                         and swa.pos_min <= keep_from and swa.pos_max == n - 1):
+                    if self.swa_full and swa.pos_min == 0:
+                        # Already the never-evicted layout: keep it, with zero pages below
+                        # the window, so that a restore from RAM is one set_data.
+                        blob, padding = seqstate.zero_front(whole, parsed, 1, keep_from, _SEQ)
+                        return Snapshot(tokens, blob, logits, swa_floor=keep_from,
+                                        padding=padding)
                     return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ),
                                     logits)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
@@ -194,11 +205,14 @@ class Engine:
         n = snap.n_tokens
         if n > self.llm.n_ctx():
             raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
+        self.scrub()
         if isinstance(snap.state, Parts):
             blob, floor = self._assemble_like_never_evicted(snap.state, n)
+        elif snap.swa_floor > 0 and self.swa_full:
+            blob, floor = snap.state, snap.swa_floor  # this engine's own, laid out already
         else:
             parsed = check_state(snap.state, n)
-            blob, floor = self._layout_like_never_evicted(snap.state, parsed, n)
+            blob, floor = self._layout_like_never_evicted(snap.state, parsed, n, snap.swa_floor)
         self.clear()
         if n == 0:
             return
@@ -237,7 +251,8 @@ class Engine:
                 and all(p.cells_len == 12 * p.count for p in swa)):
             front = {last: 0}
         try:
-            blob = seqstate.assemble(shape, pieces, front)
+            blob = seqstate.assemble(shape, pieces, front, out=self._assembly_buffer,
+                                     written=self._asm_dirty)
         except ValueError as exc:
             raise CorruptEntry(f"stored pieces do not assemble: {exc}") from exc
         parsed = check_state(blob, n)
@@ -247,11 +262,35 @@ class Engine:
                 raise CorruptEntry("stored SWA cells are not one contiguous run")
         return blob, floor
 
-    def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):
-        """The blob to load and the SWA floor it leaves (see state.py on padding)."""
+    def _assembly_buffer(self, nbytes: int) -> np.ndarray:
+        """``nbytes`` of the engine's assembly buffer, all zeros (grown when too small)."""
+        if self._asm.nbytes < nbytes:
+            self._asm = np.zeros(nbytes + (nbytes >> 3), dtype=np.uint8)
+            self._asm_dirty.clear()
+        self.scrub()
+        return self._asm[:nbytes]
+
+    def scrub(self) -> None:
+        """Zero what the last assembly wrote, so the buffer's padding reads as zeros next time
+        (AgentMemory calls this after a turn, off the next restore's path)."""
+        for a, b in self._asm_dirty:
+            self._asm[a:b] = 0
+        self._asm_dirty.clear()
+
+    def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int,
+                                   swa_floor: int = 0):
+        """The blob to load and the SWA floor it leaves (see state.py on padding).
+        ``swa_floor``: the blob's SWA rows below it are padding (Snapshot.swa_floor)."""
         if n == 0 or self.n_swa <= 0 or len(parsed.caches) < 2:
             return blob, 0
         swa = parsed.caches[-1].only_stream()
+        if swa is None:
+            return blob, swa_floor
+        if swa_floor > swa.pos_min and swa.simple_cells and swa.is_contiguous:
+            # padded for a full-size SWA cache, restored into another one: drop the padding
+            blob = seqstate.set_front(blob, parsed, len(parsed.caches) - 1, swa_floor)
+            parsed = check_state(blob, n)
+            swa = parsed.caches[-1].only_stream()
         if swa is None or swa.pos_min <= 0:
             return blob, 0
         if self.swa_full and swa.simple_cells and swa.is_contiguous:
@@ -323,4 +362,17 @@ class Engine:
                 llm.eval(tokens[reuse:cut])
                 if self.on_cut is not None:
                     self.on_cut(cut)
+                reuse = cut
+        if reset and len(args) <= 6 and int(llm.n_tokens) > 0:
+            # Do generate's prefix reuse here, from the match above (the same rule, in numpy):
+            # its own loop compares token by token in Python, ~1 ms at 4,000 tokens of TTFT.
+            kwargs["reset"] = False
+            if reuse == len(tokens) and not llm._requires_eval:
+                tokens = []  # the whole prompt is cached with its logits: sample at once
+            elif reuse > 0 and llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
+                llm.n_tokens = reuse
+                llm._requires_eval = True
+                tokens = tokens[reuse:]
+            else:
+                llm.reset()
         return Llama.generate(llm, tokens, *args, **kwargs)

@@ -375,6 +375,7 @@ class AgentMemory:
                 yield self._engine.llm
                 self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
+                self._engine.scrub()  # ready for the next disk restore, outside its TTFT
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
                 self.last_turn = record

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import CorruptEntry
 
 __all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
-           "StreamShape", "Shape", "Piece", "shape_of", "split", "assemble", "piece_regions"]
+           "zero_front", "StreamShape", "Shape", "Piece", "shape_of", "split", "assemble",
+           "piece_regions"]
 
 SEQ_MAGIC = 0xAF143CD8
 _MAX_STREAMS = 256  # LLAMA_MAX_SEQ
@@ -275,6 +276,40 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
     return out
 
 
+def zero_front(blob: Any, state: SeqState, cache_index: int, floor: int,
+               seq_id: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """A copy of ``blob`` whose cache ``cache_index`` keeps its cells but holds zero rows
+    for the positions below ``floor``; returns it and the bytes of those zero rows.
+
+    Its cells stay where they were, so a whole-context dump of an SWA model becomes a state
+    that restores the never-evicted layout while only the window holds data. The zero rows
+    are calloc pages the copy never writes: they cost address space, not memory. The cache
+    must hold one stream of simple, contiguous cells. ``seq_id`` as in :func:`set_front`.
+    """
+    stream = state.caches[cache_index].only_stream()
+    if stream is None or not stream.simple_cells or not stream.is_contiguous:
+        raise ValueError("zero_front needs one stream of simple, contiguous cells")
+    if not stream.pos_min <= floor <= stream.pos_max:
+        raise ValueError(f"floor {floor} outside {stream.pos_min}..{stream.pos_max}")
+    src = np.frombuffer(blob, dtype=np.uint8)
+    out = np.zeros(src.nbytes, dtype=np.uint8)  # calloc: the zero rows are never written
+    n, drop = stream.cell_count, floor - stream.pos_min
+    i = 0
+    padding = 0
+    for span in stream.k + stream.v:
+        row = span.row_size if span.el_size == 0 else span.el_size
+        n_rows = 1 if span.el_size == 0 else span.n_embd
+        out[i:span.start] = src[i:span.start]  # headers, cells, other caches
+        d = out[span.start:span.end].reshape(n_rows, n * row)
+        d[:, drop * row:] = src[span.start:span.end].reshape(n_rows, n * row)[:, drop * row:]
+        padding += n_rows * drop * row
+        i = span.end
+    out[i:] = src[i:]
+    if seq_id is not None:
+        out[4:8] = np.frombuffer(struct.pack("<i", seq_id), np.uint8)
+    return out, padding
+
+
 # -- split into token blocks / assemble back ----------------------------------------------------
 #
 # A blob is its *shape* (the seq id and, per cache and stream, the layer headers) plus, per
@@ -425,13 +460,16 @@ def _cell_offsets(blob: np.ndarray, start: int, st: StreamSection, ext_size: int
 
 
 def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
-          ext_size: int = 0) -> Tuple[Shape, List[Piece]]:
+          ext_size: int = 0, floors: Optional[Dict[int, int]] = None) -> Tuple[Shape, List[Piece]]:
     """Cut ``blob`` into pieces along multiples of ``block_tokens`` positions.
 
     Returns the blob's shape and its pieces in blob order; :func:`assemble` of the two gives
     ``blob`` back byte for byte. A piece covers a whole token block when ``pos0`` is a
     multiple of ``block_tokens`` and ``count == block_tokens``; the first and last piece of a
     stream may be partial. Streams that are not a simple, contiguous run stay one piece.
+
+    ``floors`` maps a cache index to a position: that cache's cells below it are padding
+    (:func:`zero_front`) and are left out, as if the blob had never held them.
     """
     src = np.frombuffer(blob, dtype=np.uint8)
     if state is None:
@@ -448,7 +486,13 @@ def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
             offs = _cell_offsets(src, off, st, ext_size)
             cells_start = off
             spans = st.k + st.v
-            for a, b in zip((cuts := _cuts(st, block_tokens))[:-1], cuts[1:]):
+            cuts = _cuts(st, block_tokens)
+            skip = (floors or {}).get(ci, st.pos_min) - st.pos_min
+            if skip > 0:
+                if not st.simple_cells or not st.is_contiguous or skip >= st.cell_count:
+                    raise ValueError(f"cache {ci} cannot drop its cells below a floor")
+                cuts = [skip] + [c for c in cuts if c > skip]
+            for a, b in zip(cuts[:-1], cuts[1:]):
                 parts = [src[cells_start + offs[a]: cells_start + offs[b]]]
                 for sp in spans:
                     if sp.el_size == 0:
@@ -486,13 +530,17 @@ def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int) -> Optio
 
 
 def assemble(shape: Shape, pieces: Sequence[Piece],
-             front: Optional[Dict[int, int]] = None) -> np.ndarray:
+             front: Optional[Dict[int, int]] = None,
+             out: Optional[Callable[[int], np.ndarray]] = None,
+             written: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
     """The blob made of ``shape`` and ``pieces`` (each stream's pieces in position order).
 
     ``front`` maps a cache index to a first position: that cache's stream gets masked,
     zero-filled cells in front of its pieces down to it (what :func:`set_front` does to a
-    blob, without a second copy). Raises CorruptEntry when the pieces do not fit the shape
-    (wrong stream, wrong size).
+    blob, without a second copy). ``out(nbytes)``, when given, supplies the buffer to
+    assemble into; it must be zeros wherever padding goes. ``written`` collects the byte
+    ranges the assembly wrote (padding aside). Raises CorruptEntry when the pieces do not
+    fit the shape (wrong stream, wrong size).
     """
     by_stream: Dict[Tuple[int, int], List[Piece]] = {}
     for p in pieces:
@@ -524,13 +572,24 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
             if sh is not None and ps:
                 total += 8 + 12 * len(sh.k) + 12 * len(sh.v) + sum(size(p, sh) for p in ps)
     padded = any(isinstance(p, _Pad) for ps in by_stream.values() for p in ps)
-    out = (np.zeros if padded else np.empty)(total, dtype=np.uint8)  # calloc: pads cost no writes
+    if out is not None:
+        buf = out(total)
+    else:
+        buf = (np.zeros if padded else np.empty)(total, dtype=np.uint8)  # calloc: pads cost no writes
+    wrote: List[Tuple[int, int]] = [] if written is None else written
     o = 0
+
+    def mark(a: int, b: int) -> None:
+        if wrote and wrote[-1][1] == a:
+            wrote[-1] = (wrote[-1][0], b)
+        elif b > a:
+            wrote.append((a, b))
 
     def put(raw: Any) -> None:
         nonlocal o
         arr = np.frombuffer(raw, dtype=np.uint8)
-        out[o:o + arr.size] = arr
+        buf[o:o + arr.size] = arr
+        mark(o, o + arr.size)
         o += arr.size
 
     put(struct.pack("<Ii", SEQ_MAGIC, shape.seq_id))
@@ -566,7 +625,8 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
                 if sh.v_trans:
                     t, el, n_embd = hdr
                     put(struct.pack("<iII", t, el, n_embd))
-                    dst = out[o: o + n_embd * n * el].reshape(n_embd, n * el)
+                    dst = buf[o: o + n_embd * n * el].reshape(n_embd, n * el)
+                    mark(o, o + n_embd * n * el)
                     col = 0
                     for j, (p, d) in enumerate(zip(ps, datas)):
                         w = p.count * el
@@ -580,4 +640,4 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
                     put(struct.pack("<iQ", t, row))
                     rows(row)
     assert o == total
-    return out
+    return buf

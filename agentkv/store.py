@@ -285,7 +285,8 @@ class DiskStore:
         pieces). ``whole_only``: None unless the state is whole blocks only."""
         B = self.block_tokens
         parsed = seqstate.parse(snap.state)
-        shape, pieces = seqstate.split(snap.state, B, parsed)
+        shape, pieces = seqstate.split(snap.state, B, parsed,
+                                       floors=snap.split_floors(len(parsed.caches)))
         chain = chain_keys(fingerprint, snap.tokens, B)
         pieces = [to_rest(shape, p, self.at_rest) for p in pieces]
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]

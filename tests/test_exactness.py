@@ -176,3 +176,25 @@ def test_shallow_rewrite_after_restore_stays_exact(llm, tmp_path):
     assert turn.prompt_tokens_evaluated < 30
     assert text == ref
     assert np.array_equal(last_logits(llm), ref_logits)
+
+
+def test_stale_tokens_of_another_agent_are_evaluated_not_reused(llm, tmp_path):
+    """After a restore, Llama's input_ids past n_tokens still hold the previous agent's tokens;
+    the guard's prefix reuse (done in place of generate's own) must stop at n_tokens, so a
+    prompt that goes on with those same tokens evaluates them."""
+    shared = llm.tokenize(b"Both agents open with the same few words about the weather. " * 3)
+    more = llm.tokenize(b" Then the longer agent keeps talking about rain and wind.", add_bos=False)
+    prompt = shared + more
+    llm.reset()  # the reference: the same two evaluations in a fresh context
+    llm.eval(shared)
+    llm.eval(more)
+    want = last_logits(llm)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+        mem.create_completion("short", shared, max_tokens=1, temperature=0)
+        mem.create_completion("long", prompt, max_tokens=1, temperature=0)
+        assert list(llm.input_ids[:len(prompt)]) == prompt
+        mem.create_completion("short", prompt, max_tokens=1, temperature=0)
+        turn = mem.last_turn
+        got = last_logits(llm)
+    assert turn.source == "ram" and turn.prompt_tokens_evaluated == len(more)
+    assert np.array_equal(got, want)
