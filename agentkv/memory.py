@@ -472,7 +472,7 @@ class AgentMemory:
 
     def _read_disk(self, agent_id: str) -> Optional[Snapshot]:
         try:
-            snap, nread = self._store.get(agent_id, self._fingerprint)
+            snap, nread = self._store.get(agent_id, self._fingerprint, scratch=True)
         except FingerprintMismatch as exc:
             log.warning("agent %r: stored KV not restored: %s", agent_id, exc)
             self._reject(agent_id, drop=False)
@@ -515,7 +515,8 @@ class AgentMemory:
         self._writer.drain()  # a state on its way to disk may hold the prefix
         t0 = time.perf_counter()
         try:
-            snap, nread = self._store.find_prefix(prompt, self._fingerprint, self._engine.n_swa)
+            snap, nread = self._store.find_prefix(prompt, self._fingerprint, self._engine.n_swa,
+                                                  scratch=True)
             if snap is None:
                 return
             self._engine.restore(snap)

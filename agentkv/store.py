@@ -26,6 +26,7 @@ which every writer also holds from its first block to its record.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -77,6 +78,31 @@ class SafeDisk(diskcache.Disk):
         return result
 
 
+class _Arena:
+    """A read buffer reused from one restore to the next: payloads read into it cost no page
+    faults (a fresh 20 MB buffer takes ~5k of them). Views handed out stay valid until
+    :meth:`reset`; a read that does not fit goes to a buffer of its own, and the next reset
+    grows the arena to what the last round needed."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.uint8)
+        self._used = 0
+        self._wanted = 0
+
+    def reset(self) -> None:
+        if self._wanted > self._buf.nbytes:
+            self._buf = np.empty(self._wanted + (self._wanted >> 4), dtype=np.uint8)
+        self._used = self._wanted = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        self._wanted += nbytes
+        if self._used + nbytes > self._buf.nbytes:
+            return np.empty(nbytes, dtype=np.uint8)
+        view = self._buf[self._used:self._used + nbytes]
+        self._used += nbytes
+        return view
+
+
 def agent_key(agent_id: str) -> str:
     return "agent/" + xxhash.xxh3_128_hexdigest(agent_id.encode("utf-8", "surrogatepass"))
 
@@ -111,6 +137,7 @@ class DiskStore:
         self._sizes: Dict[str, int] = {}  # payload key -> bytes
         self._bytes = 0
         self._seen_len = -1
+        self._arena = _Arena()  # scratch reads (one restore at a time: AgentMemory's turn)
         with self._lock:
             self._refresh(force=True)
 
@@ -438,14 +465,27 @@ class DiskStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _read(self, key: str) -> bytes:
-        payload = self._cache.get(key)
-        if payload is None:
+    def _read(self, key: str, into: Optional[_Arena] = None):
+        """A payload's bytes; with ``into``, read straight into that arena (no copy)."""
+        if into is None:
+            payload = self._cache.get(key)
+            if payload is None:
+                raise CorruptEntry(f"payload {key} is missing")
+            return payload
+        f = self._cache.get(key, read=True)
+        if f is None:
             raise CorruptEntry(f"payload {key} is missing")
-        return payload
+        with f:
+            if isinstance(f, io.BytesIO):  # a small value kept in the index database
+                return f.getvalue()
+            size = os.fstat(f.fileno()).st_size
+            view = into.take(size)
+            if f.readinto(memoryview(view)) != size:
+                raise CorruptEntry(f"payload {key} changed size while it was read")
+        return view
 
     def _load_blocks(self, r: Record, shape: seqstate.Shape, fingerprint: bytes,
-                     chain: List[bytes], upto: int, swa_from: int
+                     chain: List[bytes], upto: int, swa_from: int, into: Optional[_Arena] = None
                      ) -> Tuple[List[seqstate.Piece], int]:
         """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``)."""
         B = r.block_tokens
@@ -454,18 +494,22 @@ class DiskStore:
         for c, keys in enumerate(r.blocks):
             lo = 0 if c == 0 else max(r.first[c], swa_from)
             for j in range(lo, min(upto, r.first[c] + len(keys))):
-                payload = self._read(keys[j - r.first[c]])
+                payload = self._read(keys[j - r.first[c]], into)
                 nread += len(payload)
                 piece = decode_block(payload, fingerprint, keys[j - r.first[c]][4:], chain[j], c,
                                      j * B, B, self.at_rest)
                 pieces.append(from_rest(shape, piece, self.at_rest))
         return pieces, nread
 
-    def get(self, agent_id: str, fingerprint: bytes) -> Tuple[Optional[Snapshot], int]:
+    def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False
+            ) -> Tuple[Optional[Snapshot], int]:
         """The agent's stored snapshot (checked) and the bytes read; ``(None, 0)`` if none.
 
         Raises CorruptEntry or FingerprintMismatch; the caller decides what to drop.
+        ``scratch``: read into the store's reused buffer; the snapshot is then only valid until
+        the next scratch read (AgentMemory restores it at once, inside its turn).
         """
+        into = self._arena if scratch else None
         key = agent_key(agent_id)
         for attempt in range(2):  # another process may replace the agent's state under us
             raw = self._cache.get(key)
@@ -480,14 +524,17 @@ class DiskStore:
                 raise FingerprintMismatch(
                     f"agent {agent_id!r} was saved by another model or context configuration")
             try:
-                tail_raw = self._read(r.tail)  # type: ignore[arg-type]
+                if into is not None:
+                    into.reset()
+                tail_raw = self._read(r.tail, into)  # type: ignore[arg-type]
                 tail = decode_tail(tail_raw, fingerprint, r.tail[3:], self.at_rest)  # type: ignore[index]
                 chain = chain_keys(fingerprint, tail.tokens, r.block_tokens)
                 if [c.hex() for c in chain] != r.chain or tail.tokens.shape[0] != r.n_tokens:
                     raise CorruptEntry("manifest and tail disagree on the tokens")
                 if blocks_digest(r.first, r.blocks) != tail.digest:
                     raise CorruptEntry("the manifest's blocks are not the ones its tail was saved with")
-                pieces, nread = self._load_blocks(r, tail.shape, fingerprint, chain, len(chain), 0)
+                pieces, nread = self._load_blocks(r, tail.shape, fingerprint, chain, len(chain), 0,
+                                                  into)
             except CorruptEntry:
                 if attempt == 0 and self._cache.get(key) != raw:
                     continue  # replaced meanwhile: read the new one
@@ -544,10 +591,11 @@ class DiskStore:
                     best, best_r = j, r
         return shared, best, best_r, chain
 
-    def find_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int
-                    ) -> Tuple[Optional[Snapshot], int]:
+    def find_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int,
+                    scratch: bool = False) -> Tuple[Optional[Snapshot], int]:
         """The longest stored prefix of ``tokens`` that can be restored exactly, as a snapshot
-        of its first ``C`` tokens (C a multiple of block_tokens), and the bytes read."""
+        of its first ``C`` tokens (C a multiple of block_tokens), and the bytes read.
+        ``scratch`` as in :meth:`get`."""
         _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa)
         if r is None or j == 0:
             return None, 0
@@ -555,7 +603,10 @@ class DiskStore:
         C = j * B
         shape = seqstate.Shape.from_json(r.shape)
         need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
-        pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need)
+        into = self._arena if scratch else None
+        if into is not None:
+            into.reset()
+        pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need, into)
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(_record_key(r))
         return Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
