@@ -44,7 +44,7 @@ import xxhash
 from .errors import CorruptEntry, FingerprintMismatch
 from .state import Piece, Shape
 
-__all__ = ["chain_keys", "encode_block", "decode_block", "Tail", "encode_tail", "decode_tail",
+__all__ = ["chain_keys", "BlockPayload", "seal_block", "encode_block", "decode_block", "Tail", "encode_tail", "decode_tail",
            "Record", "blocks_digest"]
 
 _DIGEST = 16
@@ -108,12 +108,39 @@ def _open(payload: Any, magic: bytes, what: str, key: Optional[str], rest: int) 
 
 # -- blocks ---------------------------------------------------------------------------------
 
+class BlockPayload:
+    """A block's payload, named by its digest before its bytes are joined: a save hashes
+    the blocks it already holds without copying them, and joins only the ones it writes."""
+
+    __slots__ = ("key", "nbytes", "_parts", "_digest")
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        h = xxhash.xxh3_128()
+        for p in parts:
+            h.update(p)
+        self._digest = h.digest()
+        self._parts = parts
+        self.key = self._digest.hex()
+        self.nbytes = sum(memoryview(p).nbytes for p in parts) + _DIGEST
+
+    def __bytes__(self) -> bytes:
+        return b"".join([*self._parts, self._digest])  # join takes any buffer: one copy
+
+
+def seal_block(cache: int, stream: int, pos0: int, count: int, cells_len: int,
+               parts: Sequence[Any], chain: bytes, fingerprint: bytes, rest: int = 0) -> BlockPayload:
+    """The payload of the block whose data is ``parts`` (contiguous buffers, joined in order)."""
+    views = [memoryview(np.ascontiguousarray(np.frombuffer(p, np.uint8))).cast("B") for p in parts]
+    header = _BLOCK.pack(b"AKVB", _VERSION, rest, fingerprint, chain, cache, stream, 0,
+                         pos0, count, cells_len, sum(v.nbytes for v in views))
+    return BlockPayload([header, *views])
+
+
 def encode_block(piece: Piece, chain: bytes, fingerprint: bytes, rest: int = 0) -> Tuple[bytes, str]:
     """The payload of one block and its content key."""
-    data = memoryview(np.ascontiguousarray(np.frombuffer(piece.data, np.uint8))).cast("B")
-    header = _BLOCK.pack(b"AKVB", _VERSION, rest, fingerprint, chain, piece.cache, piece.stream, 0,
-                         piece.pos0, piece.count, piece.cells_len, data.nbytes)
-    return _seal([header, data])
+    block = seal_block(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len,
+                       [piece.data], chain, fingerprint, rest)
+    return bytes(block), block.key
 
 
 def decode_block(payload: Any, fingerprint: bytes, key: Optional[str], chain: bytes, cache: int,

@@ -37,7 +37,8 @@ import numpy as np
 from .errors import CorruptEntry
 
 __all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
-           "zero_front", "StreamShape", "Shape", "Piece", "shape_of", "split", "assemble",
+           "zero_front", "StreamShape", "Shape", "Piece", "PieceParts", "shape_of", "split",
+           "split_parts", "assemble",
            "piece_regions"]
 
 SEQ_MAGIC = 0xAF143CD8
@@ -459,6 +460,27 @@ def _cell_offsets(blob: np.ndarray, start: int, st: StreamSection, ext_size: int
     return offs
 
 
+@dataclass(frozen=True)
+class PieceParts:
+    """A :class:`Piece` not joined yet: its bytes are ``parts``, views of the blob (a
+    transposed V layer's slice is a copy), in the order a piece holds them."""
+
+    cache: int
+    stream: int
+    pos0: int
+    count: int
+    cells_len: int
+    parts: Tuple[np.ndarray, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def piece(self) -> Piece:
+        return Piece(self.cache, self.stream, self.pos0, self.count, self.cells_len,
+                     np.concatenate(self.parts))
+
+
 def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
           ext_size: int = 0, floors: Optional[Dict[int, int]] = None) -> Tuple[Shape, List[Piece]]:
     """Cut ``blob`` into pieces along multiples of ``block_tokens`` positions.
@@ -471,10 +493,18 @@ def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
     ``floors`` maps a cache index to a position: that cache's cells below it are padding
     (:func:`zero_front`) and are left out, as if the blob had never held them.
     """
+    shape, parts = split_parts(blob, block_tokens, state, ext_size, floors)
+    return shape, [p.piece() for p in parts]
+
+
+def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
+                ext_size: int = 0, floors: Optional[Dict[int, int]] = None
+                ) -> Tuple[Shape, List[PieceParts]]:
+    """:func:`split` without joining each piece's bytes (no copy of the blob)."""
     src = np.frombuffer(blob, dtype=np.uint8)
     if state is None:
         state = parse(src, ext_size)
-    pieces: List[Piece] = []
+    pieces: List[PieceParts] = []
     for ci, cache in enumerate(state.caches):
         # Stream sections are contiguous in the blob: the cells start 4 bytes after the
         # stream's cell_count, which follows the cache's n_stream (and earlier streams).
@@ -500,8 +530,8 @@ def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
                     else:
                         rows = src[sp.start:sp.end].reshape(sp.n_embd, st.cell_count * sp.el_size)
                         parts.append(rows[:, a * sp.el_size: b * sp.el_size].reshape(-1))
-                pieces.append(Piece(ci, si, int(st.pos[a]), b - a, int(offs[b] - offs[a]),
-                                    np.concatenate(parts)))
+                pieces.append(PieceParts(ci, si, int(st.pos[a]), b - a, int(offs[b] - offs[a]),
+                                         tuple(parts)))
             off = (spans[-1].end if spans else cells_start + int(offs[-1]))
     return shape_of(state), pieces
 

@@ -41,8 +41,8 @@ import numpy as np
 import xxhash
 
 from . import state as seqstate
-from .blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
-                     encode_tail, blocks_digest)
+from .blocks import (BlockPayload, Record, Tail, blocks_digest, chain_keys, decode_block,
+                     decode_tail, encode_tail, seal_block)
 from .atrest import from_rest, to_rest
 from .errors import CorruptEntry, FingerprintMismatch
 from .snapshot import Parts, Snapshot
@@ -307,45 +307,49 @@ class DiskStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _blocks_of(self, snap: Snapshot, fingerprint: bytes, whole_only: bool):
+    def _blocks_of(self, snap: Snapshot, fingerprint: bytes, whole_only: bool,
+                   pause: Optional[Callable[[], None]] = None):
         """Split a snapshot: (chain, shape, first, blocks [(key, payload)] per cache, tail
         pieces). ``whole_only``: None unless the state is whole blocks only."""
         B = self.block_tokens
         parsed = seqstate.parse(snap.state)
-        shape, pieces = seqstate.split(snap.state, B, parsed,
-                                       floors=snap.split_floors(len(parsed.caches)))
+        shape, pieces = seqstate.split_parts(snap.state, B, parsed,
+                                             floors=snap.split_floors(len(parsed.caches)))
         chain = chain_keys(fingerprint, snap.tokens, B)
-        pieces = [to_rest(shape, p, self.at_rest) for p in pieces]
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
         first: List[int] = [0] * len(parsed.caches)
-        blocks: List[List[Tuple[str, bytes]]] = [[] for _ in parsed.caches]
+        blocks: List[List[Tuple[str, BlockPayload]]] = [[] for _ in parsed.caches]
         rest = []
         for p in pieces:
+            if pause is not None:
+                pause()
             j = p.pos0 // B
             whole = (splittable[p.cache] and p.pos0 % B == 0 and p.count == B and j < len(chain)
                      and (not blocks[p.cache] or first[p.cache] + len(blocks[p.cache]) == j))
             if whole:
                 if not blocks[p.cache]:
                     first[p.cache] = j
-                payload, key = encode_block(p, chain[j], fingerprint, self.at_rest)
-                blocks[p.cache].append(("blk/" + key, payload))
+                parts = p.parts if not self.at_rest else [to_rest(shape, p.piece(), self.at_rest).data]
+                block = seal_block(p.cache, p.stream, p.pos0, p.count, p.cells_len, parts,
+                                   chain[j], fingerprint, self.at_rest)
+                blocks[p.cache].append(("blk/" + block.key, block))
             else:
-                rest.append(p)
+                rest.append(to_rest(shape, p.piece(), self.at_rest))
         if whole_only and rest:
             return None
         return chain, shape, first, blocks, rest
 
-    def _write_blocks(self, blocks: List[List[Tuple[str, bytes]]], sizes: Dict[str, int],
+    def _write_blocks(self, blocks: List[List[Tuple[str, BlockPayload]]], sizes: Dict[str, int],
                       pause: Optional[Callable[[], None]]) -> int:
         written = 0
         for per_cache in blocks:
             for key, payload in per_cache:
-                sizes[key] = len(payload)
+                sizes[key] = payload.nbytes
                 if key not in self._cache:
                     if pause is not None:
                         pause()
-                    self._cache.set(key, payload)
-                    written += len(payload)
+                    self._cache.set(key, bytes(payload))
+                    written += payload.nbytes
         return written
 
     def _commit(self, key: str, r: Record, sizes: Dict[str, int], keep: str) -> None:
@@ -373,14 +377,14 @@ class DiskStore:
         """
         if pause is not None:
             pause()
-        chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, False)
+        chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, False, pause)
         digest = blocks_digest(first, [[k for k, _ in bs] for bs in blocks])
         # Lossy at rest: no carried logits (they belong to the exact KV); a resume replays the
         # last token on the restored KV instead, and the state is 1 MB smaller (Gemma's vocab).
         logits = None if self.at_rest else snap.logits
         tail_payload, tail_key = encode_tail(
             Tail(snap.tokens, logits, shape, rest, digest), fingerprint, self.at_rest)
-        total = len(tail_payload) + sum(len(p) for bs in blocks for _, p in bs)
+        total = len(tail_payload) + sum(p.nbytes for bs in blocks for _, p in bs)
         if total > self.budget:
             log.warning("agent %r: %d bytes of KV exceed disk_budget=%d; not persisted",
                         agent_id, total, self.budget)
@@ -408,7 +412,7 @@ class DiskStore:
     def put_cut(self, snap: Snapshot, fingerprint: bytes,
                 pause: Optional[Callable[[], None]] = None) -> int:
         """Store a shared prefix (whole blocks only, SWA window included); bytes written."""
-        split = self._blocks_of(snap, fingerprint, whole_only=True)
+        split = self._blocks_of(snap, fingerprint, whole_only=True, pause=pause)
         if split is None or not split[0]:
             log.debug("cut at %d tokens is not whole blocks; not stored", snap.n_tokens)
             return 0
