@@ -34,6 +34,7 @@ is checked before use (CorruptEntry otherwise).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,10 +43,10 @@ import numpy as np
 import xxhash
 
 from .errors import CorruptEntry, FingerprintMismatch
-from .state import Piece, Shape
+from .state import FilePiece, Piece, Shape
 
-__all__ = ["chain_keys", "BlockPayload", "seal_block", "encode_block", "decode_block", "Tail", "encode_tail", "decode_tail",
-           "Record", "blocks_digest"]
+__all__ = ["chain_keys", "BlockPayload", "seal_block", "encode_block", "decode_block",
+           "open_block", "Tail", "encode_tail", "decode_tail", "Record", "blocks_digest"]
 
 _DIGEST = 16
 _BLOCK = struct.Struct("<4sHH16s16sBBHIIIQ")
@@ -87,10 +88,7 @@ def _seal(parts: Sequence[Any]) -> Tuple[bytes, str]:
     return b"".join([*parts, digest]), digest.hex()  # join takes any buffer: one copy
 
 
-def _open(payload: Any, magic: bytes, what: str, key: Optional[str], rest: int) -> memoryview:
-    view = memoryview(payload).cast("B")
-    if view.nbytes < 8 + _DIGEST:
-        raise CorruptEntry(f"{what} truncated: {view.nbytes} bytes")
+def _check_magic(view: Any, magic: bytes, what: str, rest: int) -> None:
     if bytes(view[:4]) != magic:
         raise CorruptEntry(f"not an agentkv {what} (bad magic)")
     version, flags = struct.unpack_from("<HH", view, 4)
@@ -98,6 +96,13 @@ def _open(payload: Any, magic: bytes, what: str, key: Optional[str], rest: int) 
         raise CorruptEntry(f"{what} format version {version} is not supported")
     if flags != rest:
         raise CorruptEntry(f"{what} is stored in at-rest format {flags}, expected {rest}")
+
+
+def _open(payload: Any, magic: bytes, what: str, key: Optional[str], rest: int) -> memoryview:
+    view = memoryview(payload).cast("B")
+    if view.nbytes < 8 + _DIGEST:
+        raise CorruptEntry(f"{what} truncated: {view.nbytes} bytes")
+    _check_magic(view, magic, what, rest)
     digest = xxhash.xxh3_128(view[:-_DIGEST]).digest()
     if digest != bytes(view[-_DIGEST:]):
         raise CorruptEntry(f"{what} checksum mismatch")
@@ -147,16 +152,49 @@ def decode_block(payload: Any, fingerprint: bytes, key: Optional[str], chain: by
                  pos0: int, count: int, rest: int = 0) -> Piece:
     """Check a block against everything its reader expects; return its piece."""
     view = _open(payload, b"AKVB", "block", key, rest)
-    if view.nbytes < _BLOCK.size + _DIGEST:
+    s, cells_len, data_len = _block_fields(view, view.nbytes, fingerprint, key, chain, cache,
+                                           pos0, count)
+    return Piece(cache, s, pos0, count, cells_len, view[_BLOCK.size:_BLOCK.size + data_len])
+
+
+def _block_fields(view: Any, size: int, fingerprint: bytes, key: Optional[str], chain: bytes,
+                  cache: int, pos0: int, count: int) -> Tuple[int, int, int]:
+    """Check a block header against its reader's expectations: (stream, cells_len, data_len)."""
+    if size < _BLOCK.size + _DIGEST:
         raise CorruptEntry("block truncated")
     (_, _, _, fp, ch, c, s, _, p0, n, cells_len, data_len) = _BLOCK.unpack_from(view, 0)
     if fp != fingerprint:
         raise FingerprintMismatch("block was written under another fingerprint")
-    if _BLOCK.size + data_len + _DIGEST != view.nbytes or cells_len > data_len:
+    if _BLOCK.size + data_len + _DIGEST != size or cells_len > data_len:
         raise CorruptEntry("block length fields disagree with its size")
     if ch != chain or c != cache or p0 != pos0 or n != count:
         raise CorruptEntry(f"block {key} is not block {pos0 // max(count, 1)} of this prefix")
-    return Piece(c, s, p0, n, cells_len, view[_BLOCK.size:_BLOCK.size + data_len])
+    return s, cells_len, data_len
+
+
+def open_block(f: Any, fingerprint: bytes, key: str, chain: bytes, cache: int, pos0: int,
+               count: int, rest: int = 0) -> FilePiece:
+    """A stored block, still in its open file ``f``, as a :class:`~agentkv.state.FilePiece`:
+    its header is checked now, its digest once assembly has read its bytes into place."""
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    header = os.pread(fd, _BLOCK.size, 0)
+    if len(header) < 8:
+        raise CorruptEntry(f"block truncated: {len(header)} bytes")
+    _check_magic(header, b"AKVB", "block", rest)
+    s, cells_len, data_len = _block_fields(header, size, fingerprint, key, chain, cache, pos0, count)
+
+    def verify(views: List[memoryview]) -> None:
+        h = xxhash.xxh3_128(header)
+        for v in views:
+            h.update(v)
+        digest = h.digest()
+        if digest != os.pread(fd, _DIGEST, _BLOCK.size + data_len):
+            raise CorruptEntry("block checksum mismatch")
+        if digest.hex() != key:
+            raise CorruptEntry("block does not match the key it is stored under")
+
+    return FilePiece(cache, s, pos0, count, cells_len, (f, _BLOCK.size, data_len, verify))
 
 
 # -- tails ----------------------------------------------------------------------------------

@@ -463,8 +463,12 @@ class AgentMemory:
         try:
             self._engine.restore(snap)
         except (CorruptEntry, RestoreFailed) as exc:
-            log.warning("agent %r: restoring its KV from %s failed (%s); prefilling", agent_id,
-                        source, exc)
+            if source == "disk" and isinstance(exc, CorruptEntry):  # found while reading it in
+                log.warning("agent %r: stored KV is damaged and was dropped (%s); prefilling",
+                            agent_id, exc)
+            else:
+                log.warning("agent %r: restoring its KV from %s failed (%s); prefilling",
+                            agent_id, source, exc)
             self._reject(agent_id, drop=source == "disk")
             self._engine.clear()
             return "cold"

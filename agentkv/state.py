@@ -28,6 +28,7 @@ The same function trims a whole-context dump's SWA cache down to the window plus
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,7 +38,7 @@ import numpy as np
 from .errors import CorruptEntry
 
 __all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
-           "zero_front", "StreamShape", "Shape", "Piece", "PieceParts", "shape_of", "split",
+           "zero_front", "StreamShape", "Shape", "Piece", "FilePiece", "PieceParts", "shape_of", "split",
            "split_parts", "assemble",
            "piece_regions"]
 
@@ -399,6 +400,43 @@ class Piece:
         return memoryview(self.data).nbytes
 
 
+class FilePiece(Piece):
+    """A piece whose bytes are still in a file: :func:`assemble` reads them straight into
+    their places in the blob (one copy, by the kernel) and then calls ``verify``.
+
+    ``data`` is ``(file, offset, length, verify)``: an open binary file, where the piece's
+    bytes start in it and how many there are, and a callable given the views that were
+    filled (in the piece's byte order) that raises CorruptEntry if they are not the bytes
+    the piece was stored with.
+    """
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data[2])
+
+    def read_into(self, views: List[memoryview]) -> None:
+        f, offset, length, verify = self.data
+        if sum(v.nbytes for v in views) != length:
+            raise CorruptEntry("piece regions do not add up to the piece's length")
+        try:
+            fd = f.fileno()
+            todo = list(views)
+            pos = offset
+            while todo:
+                got = os.preadv(fd, todo[:1024], pos)
+                if got <= 0:
+                    raise CorruptEntry("stored piece ends before its length")
+                pos += got
+                while todo and got >= todo[0].nbytes:
+                    got -= todo[0].nbytes
+                    todo.pop(0)
+                if got:
+                    todo[0] = todo[0][got:]
+            verify(views)
+        finally:
+            f.close()
+
+
 def piece_regions(shape: Shape, piece: Piece) -> List[Tuple[int, int, int]]:
     """(offset, nbytes, ggml type) of each K then V layer's bytes inside ``piece.data``."""
     sh = shape.caches[piece.cache][piece.stream]
@@ -545,13 +583,15 @@ class _Pad(Piece):
         return self.cells_len
 
 
-def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int) -> Optional[_Pad]:
+def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int,
+               seq_id: int) -> Optional[_Pad]:
     count = first.pos0 - new_pos_min
     if count <= 0:
         return None
     if first.cells_len != 12 * first.count:
         raise ValueError("only streams of simple cells can be padded")
-    seq = int(np.frombuffer(first.data, dtype=_CELL_DTYPE, count=1)["seq_id"][0])
+    seq = seq_id if isinstance(first, FilePiece) else \
+        int(np.frombuffer(first.data, dtype=_CELL_DTYPE, count=1)["seq_id"][0])
     cells = np.zeros(count, dtype=_CELL_DTYPE)
     cells["pos"] = np.arange(new_pos_min, first.pos0, dtype=np.int32)
     cells["n_seq_id"] = 1
@@ -586,7 +626,7 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
         keys = [k for k in by_stream if k[0] == ci]
         if len(keys) != 1:
             raise ValueError(f"cache {ci} has {len(keys)} streams with cells; cannot pad it")
-        pad = _pad_piece(ci, keys[0][1], by_stream[keys[0]][0], new_pos_min)
+        pad = _pad_piece(ci, keys[0][1], by_stream[keys[0]][0], new_pos_min, shape.seq_id)
         if pad is not None:
             by_stream[keys[0]].insert(0, pad)
 
@@ -607,6 +647,7 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
     else:
         buf = (np.zeros if padded else np.empty)(total, dtype=np.uint8)  # calloc: pads cost no writes
     wrote: List[Tuple[int, int]] = [] if written is None else written
+    regions: Dict[int, Tuple[Piece, List[Tuple[int, int]]]] = {}
     o = 0
 
     def mark(a: int, b: int) -> None:
@@ -632,8 +673,17 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
                 continue
             n = sum(p.count for p in ps)
             put(struct.pack("<I", n))
-            datas = [np.frombuffer(p.data, dtype=np.uint8) for p in ps]
+            # a FilePiece's regions are noted here (in its byte order) and read in the end
+            datas = [None if isinstance(p, FilePiece) else np.frombuffer(p.data, dtype=np.uint8)
+                     for p in ps]
             for p, d in zip(ps, datas):
+                if d is None:
+                    if sh.v_trans:
+                        raise ValueError("a piece with transposed V rows cannot be read in place")
+                    regions.setdefault(id(p), (p, []))[1].append((o, p.cells_len))
+                    mark(o, o + p.cells_len)
+                    o += p.cells_len
+                    continue
                 put(d[:p.cells_len])
             put(struct.pack("<II", int(sh.v_trans), len(sh.k)))
             offs = [p.cells_len for p in ps]  # read cursor inside each piece
@@ -644,6 +694,11 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
                 for j, (p, d) in enumerate(zip(ps, datas)):
                     if pads[j]:
                         o += p.count * row  # stays zero
+                        continue
+                    if d is None:
+                        regions[id(p)][1].append((o, p.count * row))
+                        mark(o, o + p.count * row)
+                        o += p.count * row
                         continue
                     put(d[offs[j]: offs[j] + p.count * row])
                     offs[j] += p.count * row
@@ -670,4 +725,6 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
                     put(struct.pack("<iQ", t, row))
                     rows(row)
     assert o == total
+    for p, regs in regions.values():
+        p.read_into([memoryview(buf[a:a + n]) for a, n in regs])  # type: ignore[attr-defined]
     return buf

@@ -42,7 +42,7 @@ import xxhash
 
 from . import state as seqstate
 from .blocks import (BlockPayload, Record, Tail, blocks_digest, chain_keys, decode_block,
-                     decode_tail, encode_tail, seal_block)
+                     decode_tail, encode_tail, open_block, seal_block)
 from .atrest import from_rest, to_rest
 from .errors import CorruptEntry, FingerprintMismatch
 from .snapshot import Parts, Snapshot
@@ -491,17 +491,38 @@ class DiskStore:
     def _load_blocks(self, r: Record, shape: seqstate.Shape, fingerprint: bytes,
                      chain: List[bytes], upto: int, swa_from: int, into: Optional[_Arena] = None
                      ) -> Tuple[List[seqstate.Piece], int]:
-        """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``)."""
+        """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``).
+
+        With ``into`` (a restore's scratch read) and exact rows, blocks come back as
+        FilePieces: assembly reads them straight into place and checks their digests then.
+        """
         B = r.block_tokens
         pieces: List[seqstate.Piece] = []
         nread = 0
         for c, keys in enumerate(r.blocks):
             lo = 0 if c == 0 else max(r.first[c], swa_from)
+            in_place = (into is not None and not self.at_rest and c < len(shape.caches)
+                        and not any(sh is not None and sh.v_trans for sh in shape.caches[c]))
             for j in range(lo, min(upto, r.first[c] + len(keys))):
-                payload = self._read(keys[j - r.first[c]], into)
+                key = keys[j - r.first[c]]
+                if in_place:
+                    f = self._cache.get(key, read=True)
+                    if f is None:
+                        raise CorruptEntry(f"payload {key} is missing")
+                    if not isinstance(f, io.BytesIO):
+                        try:
+                            nread += os.fstat(f.fileno()).st_size
+                            pieces.append(open_block(f, fingerprint, key[4:], chain[j], c, j * B, B))
+                        except BaseException:
+                            f.close()
+                            raise
+                        continue
+                    payload = f.getvalue()
+                else:
+                    payload = self._read(key, into)
                 nread += len(payload)
-                piece = decode_block(payload, fingerprint, keys[j - r.first[c]][4:], chain[j], c,
-                                     j * B, B, self.at_rest)
+                piece = decode_block(payload, fingerprint, key[4:], chain[j], c, j * B, B,
+                                     self.at_rest)
                 pieces.append(from_rest(shape, piece, self.at_rest))
         return pieces, nread
 
