@@ -174,6 +174,7 @@ class AgentMemory:
         self._live: Optional[str] = None
         self._live_saved: Optional[Snapshot] = None  # snapshot of the live state, if current
         self._live_size = 0  # last measured size of the live state (agents())
+        self._pushed_out: List[str] = []  # agents RAM pushed out this turn, written by its end
         self._turn_record: Optional[TurnRecord] = None
         self.last_turn: Optional[TurnRecord] = None
         self._engine.install()
@@ -376,6 +377,8 @@ class AgentMemory:
                 self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
                 self._engine.scrub()  # ready for the next disk restore, outside its TTFT
+                while self._pushed_out:  # what RAM pushed out is durable before the next turn
+                    self._writer.wait(self._pushed_out.pop())
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
                 self.last_turn = record
@@ -416,7 +419,7 @@ class AgentMemory:
             return TurnRecord(agent_id, "live")
         t0 = time.perf_counter()
         held = self._ram.pop(agent_id)  # first: its RAM slot goes to the agent leaving
-        self._evict_live()
+        self._evict_live(defer=True)
         t1 = time.perf_counter()
         if held is None:
             self._writer.wait(agent_id)  # a snapshot of it may still be on its way to disk
@@ -437,8 +440,9 @@ class AgentMemory:
             self._wanted[agent_id] = self._generation
             return self._generation
 
-    def _evict_live(self) -> None:
-        """Snapshot the live agent into RAM; what RAM pushes out is made durable first."""
+    def _evict_live(self, defer: bool = False) -> None:
+        """Snapshot the live agent into RAM; what RAM pushes out is made durable first
+        (``defer``: at the end of the turn that evicts it, outside its time to first token)."""
         agent_id = self._live
         if agent_id is None:
             return
@@ -451,7 +455,10 @@ class AgentMemory:
         with self._state_lock:
             self._stats.save_seconds += time.perf_counter() - t0
         for victim, _ in self._ram.put(agent_id, snap):
-            self._writer.wait(victim)
+            if defer:
+                self._pushed_out.append(victim)
+            else:
+                self._writer.wait(victim)
 
     def _restore(self, agent_id: str, snap: Optional[Snapshot]) -> str:
         source = "ram"

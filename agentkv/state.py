@@ -28,6 +28,7 @@ The same function trims a whole-context dump's SWA cache down to the window plus
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -278,6 +279,16 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
     return out
 
 
+def _untouched_zeros(nbytes: int) -> np.ndarray:
+    """Zeroed memory whose pages cost nothing until written, even where transparent huge
+    pages are always on (a 2 MiB page would otherwise make the padding around data resident)."""
+    if nbytes < (1 << 21) or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(nbytes, dtype=np.uint8)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, dtype=np.uint8)  # the array keeps the mapping alive
+
+
 def zero_front(blob: Any, state: SeqState, cache_index: int, floor: int,
                seq_id: Optional[int] = None) -> Tuple[np.ndarray, int]:
     """A copy of ``blob`` whose cache ``cache_index`` keeps its cells but holds zero rows
@@ -294,7 +305,7 @@ def zero_front(blob: Any, state: SeqState, cache_index: int, floor: int,
     if not stream.pos_min <= floor <= stream.pos_max:
         raise ValueError(f"floor {floor} outside {stream.pos_min}..{stream.pos_max}")
     src = np.frombuffer(blob, dtype=np.uint8)
-    out = np.zeros(src.nbytes, dtype=np.uint8)  # calloc: the zero rows are never written
+    out = _untouched_zeros(src.nbytes)  # the zero rows are never written
     n, drop = stream.cell_count, floor - stream.pos_min
     i = 0
     padding = 0
