@@ -74,9 +74,9 @@ class Engine:
         self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
         self._installed = False
         self._scratch = np.empty(0, dtype=np.uint8)
-        # Disk restores assemble into this buffer, whose pages stay mapped (a fresh one costs
-        # a page fault per 4 KiB written). Its padding must read as zeros: after a restore,
-        # scrub() zeroes the ranges the assembly wrote.
+        # Restores lay the state out in this buffer, whose pages stay mapped (a fresh one
+        # costs a page fault per 4 KiB written). Its padding must read as zeros: after a
+        # restore, scrub() zeroes the ranges the assembly wrote.
         self._asm = np.empty(0, dtype=np.uint8)
         self._asm_dirty: list = []
         self._has_outputs = False  # the context has decoded at least once: it has a logits row
@@ -188,12 +188,6 @@ class Engine:
                 if (len(parsed.caches) == 2 and swa is not None and base is not None
                         and swa.simple_cells and base.simple_cells and swa.is_contiguous
                         and swa.pos_min <= keep_from and swa.pos_max == n - 1):
-                    if self.swa_full and swa.pos_min == 0:
-                        # Already the never-evicted layout: keep it, with zero pages below
-                        # the window, so that a restore from RAM is one set_data.
-                        blob, padding = seqstate.zero_front(whole, parsed, 1, keep_from, _SEQ)
-                        return Snapshot(tokens, blob, logits, swa_floor=keep_from,
-                                        padding=padding)
                     return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ),
                                     logits)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
@@ -208,11 +202,9 @@ class Engine:
         self.scrub()
         if isinstance(snap.state, Parts):
             blob, floor = self._assemble_like_never_evicted(snap.state, n)
-        elif snap.swa_floor > 0 and self.swa_full:
-            blob, floor = snap.state, snap.swa_floor  # this engine's own, laid out already
         else:
             parsed = check_state(snap.state, n)
-            blob, floor = self._layout_like_never_evicted(snap.state, parsed, n, snap.swa_floor)
+            blob, floor = self._layout_like_never_evicted(snap.state, parsed, n)
         self.clear()
         if n == 0:
             return
@@ -277,24 +269,17 @@ class Engine:
             self._asm[a:b] = 0
         self._asm_dirty.clear()
 
-    def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int,
-                                   swa_floor: int = 0):
-        """The blob to load and the SWA floor it leaves (see state.py on padding).
-        ``swa_floor``: the blob's SWA rows below it are padding (Snapshot.swa_floor)."""
+    def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):
+        """The blob to load and the SWA floor it leaves (see state.py on padding); a padded
+        blob is built in the assembly buffer."""
         if n == 0 or self.n_swa <= 0 or len(parsed.caches) < 2:
             return blob, 0
         swa = parsed.caches[-1].only_stream()
-        if swa is None:
-            return blob, swa_floor
-        if swa_floor > swa.pos_min and swa.simple_cells and swa.is_contiguous:
-            # padded for a full-size SWA cache, restored into another one: drop the padding
-            blob = seqstate.set_front(blob, parsed, len(parsed.caches) - 1, swa_floor)
-            parsed = check_state(blob, n)
-            swa = parsed.caches[-1].only_stream()
         if swa is None or swa.pos_min <= 0:
             return blob, 0
         if self.swa_full and swa.simple_cells and swa.is_contiguous:
-            return seqstate.set_front(blob, parsed, len(parsed.caches) - 1, 0), swa.pos_min
+            return seqstate.set_front(blob, parsed, len(parsed.caches) - 1, 0,
+                                      out=self._assembly_buffer, written=self._asm_dirty), swa.pos_min
         return blob, swa.pos_min
 
     # -- the generate guard ---------------------------------------------------------------

@@ -174,7 +174,7 @@ class AgentMemory:
         self._live: Optional[str] = None
         self._live_saved: Optional[Snapshot] = None  # snapshot of the live state, if current
         self._live_size = 0  # last measured size of the live state (agents())
-        self._pushed_out: List[str] = []  # agents RAM pushed out this turn, written by its end
+        self._pushed_out: List[Any] = []  # (agent, snapshot) RAM pushed out this turn
         self._turn_record: Optional[TurnRecord] = None
         self.last_turn: Optional[TurnRecord] = None
         self._engine.install()
@@ -378,7 +378,7 @@ class AgentMemory:
             finally:
                 self._engine.scrub()  # ready for the next disk restore, outside its TTFT
                 while self._pushed_out:  # what RAM pushed out is durable before the next turn
-                    self._writer.wait(self._pushed_out.pop())
+                    self._writer.wait(self._pushed_out.pop()[0])
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
                 self.last_turn = record
@@ -454,9 +454,9 @@ class AgentMemory:
         self._live, self._live_saved = None, None
         with self._state_lock:
             self._stats.save_seconds += time.perf_counter() - t0
-        for victim, _ in self._ram.put(agent_id, snap):
-            if defer:
-                self._pushed_out.append(victim)
+        for victim, pushed in self._ram.put(agent_id, snap):
+            if defer:  # held until then too: unmapping a snapshot's pages takes a while
+                self._pushed_out.append((victim, pushed))
             else:
                 self._writer.wait(victim)
 

@@ -43,18 +43,11 @@ class Snapshot:
         state: the blob from ``llama_state_seq_get_data`` (any buffer), or its :class:`Parts`.
         logits: float32 logits after the last token, when the context had them; a restore
             that carries them lets the next turn sample at once instead of replaying a token.
-        swa_floor: when > 0, ``state`` is laid out as a never-evicted context holds it, and
-            its SWA cache's (last cache's) rows below this position are zero padding
-            (:func:`~agentkv.state.zero_front`): restorable as it is, never stored.
-        padding: the bytes of that padding; calloc pages never written, so not counted in
-            :attr:`nbytes` (what the snapshot takes in RAM).
     """
 
     tokens: np.ndarray
     state: Union[Buffer, Parts]
     logits: Optional[np.ndarray] = None
-    swa_floor: int = 0
-    padding: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -64,11 +57,7 @@ class Snapshot:
     def nbytes(self) -> int:
         extra = 0 if self.logits is None else int(self.logits.nbytes)
         state = self.state.nbytes if isinstance(self.state, Parts) else memoryview(self.state).nbytes
-        return int(self.tokens.nbytes) + state - self.padding + extra
-
-    def split_floors(self, n_caches: int) -> Optional[dict]:
-        """The ``floors`` argument of :func:`~agentkv.state.split` for this snapshot's state."""
-        return {n_caches - 1: self.swa_floor} if self.swa_floor > 0 and n_caches > 1 else None
+        return int(self.tokens.nbytes) + state + extra
 
 
 def check_state(state: Buffer, n_tokens: int) -> seqstate.SeqState:

@@ -28,7 +28,6 @@ The same function trims a whole-context dump's SWA cache down to the window plus
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import numpy as np
 from .errors import CorruptEntry
 
 __all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
-           "zero_front", "StreamShape", "Shape", "Piece", "FilePiece", "PieceParts", "shape_of", "split",
+           "StreamShape", "Shape", "Piece", "FilePiece", "PieceParts", "shape_of", "split",
            "split_parts", "assemble",
            "piece_regions"]
 
@@ -220,13 +219,16 @@ def parse(blob: bytes, ext_size: int = 0) -> SeqState:
 
 
 def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
-              seq_id: Optional[int] = None) -> np.ndarray:
+              seq_id: Optional[int] = None, out: Optional[Callable[[int], np.ndarray]] = None,
+              written: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
     """A copy of ``blob`` whose cache ``cache_index`` starts at position ``new_pos_min``.
 
     Below the stream's first position, zero-filled cells are added in front (positions
     ``new_pos_min ..``); above it, the first cells are dropped. The cache must hold one stream
     of simple, contiguous cells. ``seq_id`` rewrites the blob's header (a whole-context dump
-    says -1; a sequence restore wants the sequence it came from).
+    says -1; a sequence restore wants the sequence it came from). ``out`` and ``written`` as
+    in :func:`assemble`: a buffer that is zeros where the padding goes, and the byte ranges
+    written into it.
     """
     cache = state.caches[cache_index]
     stream = cache.only_stream()
@@ -239,20 +241,26 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
     delta = stream.pos_min - new_pos_min  # cells added (> 0) or dropped (< 0) in front
     n_new = n_old + delta
     grow = delta * (12 + sum((sp.end - sp.start) // n_old for sp in stream.k + stream.v))
-    out = np.zeros(src.nbytes + grow, dtype=np.uint8)  # calloc: padding costs no writes
+    if out is None:
+        buf = np.zeros(src.nbytes + grow, dtype=np.uint8)  # calloc: padding costs no writes
+    else:
+        buf = out(src.nbytes + grow)
+    wrote: List[Tuple[int, int]] = [] if written is None else written
 
     first = next(k for k, s in enumerate(cache.streams) if s is not None)
     cc_off = cache.start + 4 + 4 * first  # this stream's cell_count
-    out[:cc_off] = src[:cc_off]
-    out[cc_off:cc_off + 4] = np.frombuffer(struct.pack("<I", n_new), np.uint8)
+    buf[:cc_off] = src[:cc_off]
+    buf[cc_off:cc_off + 4] = np.frombuffer(struct.pack("<I", n_new), np.uint8)
     if seq_id is not None:
-        out[4:8] = np.frombuffer(struct.pack("<i", seq_id), np.uint8)
+        buf[4:8] = np.frombuffer(struct.pack("<i", seq_id), np.uint8)
     i = o = cc_off + 4
 
     def copy_rows(o: int, i: int, n_rows: int, row: int) -> Tuple[int, int]:
         """Copy one tensor of ``n_rows`` x ``row`` bytes (cells along the rows) re-fronted."""
         s_rows = src[i:i + n_rows * n_old * row].reshape(n_rows, n_old * row)
-        d_rows = out[o:o + n_rows * n_new * row].reshape(n_rows, n_new * row)
+        d_rows = buf[o:o + n_rows * n_new * row].reshape(n_rows, n_new * row)
+        # the padding is left as it is (zeros); a transposed layer is marked whole
+        wrote.append((o + (max(delta, 0) * row if n_rows == 1 else 0), o + n_rows * n_new * row))
         if delta >= 0:
             d_rows[:, delta * row:] = s_rows
         else:
@@ -264,63 +272,22 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
     cells["pos"] = np.arange(new_pos_min, new_pos_min + n_new, dtype=np.int32)
     cells["n_seq_id"] = 1
     cells["seq_id"] = seq if seq_id is None else seq_id
-    out[o:o + 12 * n_new] = np.frombuffer(cells.tobytes(), np.uint8)
+    buf[o:o + 12 * n_new] = np.frombuffer(cells.tobytes(), np.uint8)
     o, i = o + 12 * n_new, i + 12 * n_old
-    out[o:o + 8] = src[i:i + 8]  # v_trans, n_layer
+    wrote.append((0, o + 8))  # headers, other caches, this stream's cells
+    buf[o:o + 8] = src[i:i + 8]  # v_trans, n_layer
     o, i = o + 8, i + 8
     for span in stream.k + stream.v:
-        out[o:o + 12] = src[i:i + 12]  # (i32 type, u64 row size) or (i32, u32 el, u32 n_embd)
+        buf[o:o + 12] = src[i:i + 12]  # (i32 type, u64 row size) or (i32, u32 el, u32 n_embd)
+        wrote.append((o, o + 12))
         o, i = o + 12, i + 12
         if span.el_size == 0:  # rows are cells
             o, i = copy_rows(o, i, 1, span.row_size)
         else:  # transposed V: rows are embedding dims, cells along each row
             o, i = copy_rows(o, i, span.n_embd, span.el_size)
-    out[o:] = src[i:]
-    return out
-
-
-def _untouched_zeros(nbytes: int) -> np.ndarray:
-    """Zeroed memory whose pages cost nothing until written, even where transparent huge
-    pages are always on (a 2 MiB page would otherwise make the padding around data resident)."""
-    if nbytes < (1 << 21) or not hasattr(mmap, "MADV_NOHUGEPAGE"):
-        return np.zeros(nbytes, dtype=np.uint8)
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(m, dtype=np.uint8)  # the array keeps the mapping alive
-
-
-def zero_front(blob: Any, state: SeqState, cache_index: int, floor: int,
-               seq_id: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """A copy of ``blob`` whose cache ``cache_index`` keeps its cells but holds zero rows
-    for the positions below ``floor``; returns it and the bytes of those zero rows.
-
-    Its cells stay where they were, so a whole-context dump of an SWA model becomes a state
-    that restores the never-evicted layout while only the window holds data. The zero rows
-    are calloc pages the copy never writes: they cost address space, not memory. The cache
-    must hold one stream of simple, contiguous cells. ``seq_id`` as in :func:`set_front`.
-    """
-    stream = state.caches[cache_index].only_stream()
-    if stream is None or not stream.simple_cells or not stream.is_contiguous:
-        raise ValueError("zero_front needs one stream of simple, contiguous cells")
-    if not stream.pos_min <= floor <= stream.pos_max:
-        raise ValueError(f"floor {floor} outside {stream.pos_min}..{stream.pos_max}")
-    src = np.frombuffer(blob, dtype=np.uint8)
-    out = _untouched_zeros(src.nbytes)  # the zero rows are never written
-    n, drop = stream.cell_count, floor - stream.pos_min
-    i = 0
-    padding = 0
-    for span in stream.k + stream.v:
-        row = span.row_size if span.el_size == 0 else span.el_size
-        n_rows = 1 if span.el_size == 0 else span.n_embd
-        out[i:span.start] = src[i:span.start]  # headers, cells, other caches
-        d = out[span.start:span.end].reshape(n_rows, n * row)
-        d[:, drop * row:] = src[span.start:span.end].reshape(n_rows, n * row)[:, drop * row:]
-        padding += n_rows * drop * row
-        i = span.end
-    out[i:] = src[i:]
-    if seq_id is not None:
-        out[4:8] = np.frombuffer(struct.pack("<i", seq_id), np.uint8)
-    return out, padding
+    buf[o:] = src[i:]
+    wrote.append((o, buf.nbytes))
+    return buf
 
 
 # -- split into token blocks / assemble back ----------------------------------------------------
@@ -531,24 +498,20 @@ class PieceParts:
 
 
 def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
-          ext_size: int = 0, floors: Optional[Dict[int, int]] = None) -> Tuple[Shape, List[Piece]]:
+          ext_size: int = 0) -> Tuple[Shape, List[Piece]]:
     """Cut ``blob`` into pieces along multiples of ``block_tokens`` positions.
 
     Returns the blob's shape and its pieces in blob order; :func:`assemble` of the two gives
     ``blob`` back byte for byte. A piece covers a whole token block when ``pos0`` is a
     multiple of ``block_tokens`` and ``count == block_tokens``; the first and last piece of a
     stream may be partial. Streams that are not a simple, contiguous run stay one piece.
-
-    ``floors`` maps a cache index to a position: that cache's cells below it are padding
-    (:func:`zero_front`) and are left out, as if the blob had never held them.
     """
-    shape, parts = split_parts(blob, block_tokens, state, ext_size, floors)
+    shape, parts = split_parts(blob, block_tokens, state, ext_size)
     return shape, [p.piece() for p in parts]
 
 
 def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
-                ext_size: int = 0, floors: Optional[Dict[int, int]] = None
-                ) -> Tuple[Shape, List[PieceParts]]:
+                ext_size: int = 0) -> Tuple[Shape, List[PieceParts]]:
     """:func:`split` without joining each piece's bytes (no copy of the blob)."""
     src = np.frombuffer(blob, dtype=np.uint8)
     if state is None:
@@ -565,13 +528,7 @@ def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
             offs = _cell_offsets(src, off, st, ext_size)
             cells_start = off
             spans = st.k + st.v
-            cuts = _cuts(st, block_tokens)
-            skip = (floors or {}).get(ci, st.pos_min) - st.pos_min
-            if skip > 0:
-                if not st.simple_cells or not st.is_contiguous or skip >= st.cell_count:
-                    raise ValueError(f"cache {ci} cannot drop its cells below a floor")
-                cuts = [skip] + [c for c in cuts if c > skip]
-            for a, b in zip(cuts[:-1], cuts[1:]):
+            for a, b in zip((cuts := _cuts(st, block_tokens))[:-1], cuts[1:]):
                 parts = [src[cells_start + offs[a]: cells_start + offs[b]]]
                 for sp in spans:
                     if sp.el_size == 0:

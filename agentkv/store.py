@@ -313,8 +313,7 @@ class DiskStore:
         pieces). ``whole_only``: None unless the state is whole blocks only."""
         B = self.block_tokens
         parsed = seqstate.parse(snap.state)
-        shape, pieces = seqstate.split_parts(snap.state, B, parsed,
-                                             floors=snap.split_floors(len(parsed.caches)))
+        shape, pieces = seqstate.split_parts(snap.state, B, parsed)
         chain = chain_keys(fingerprint, snap.tokens, B)
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
         first: List[int] = [0] * len(parsed.caches)

@@ -198,3 +198,19 @@ def test_stale_tokens_of_another_agent_are_evaluated_not_reused(llm, tmp_path):
         got = last_logits(llm)
     assert turn.source == "ram" and turn.prompt_tokens_evaluated == len(more)
     assert np.array_equal(got, want)
+
+
+def test_assembly_buffer_reads_as_zeros_after_every_turn(llm, tmp_path):
+    """Restores lay states out in a reused buffer whose padding must be zeros: each turn
+    ends with the bytes its restore wrote zeroed again (RAM and disk restores alike)."""
+    long = "Notes: " + " ".join(f"item {i} is fine." for i in range(200))  # past the SWA window
+    for budget in ("1GiB", 0):
+        with AgentMemory(llm, cache_dir=tmp_path / str(budget), ram_budget=budget) as mem:
+            for turn in range(3):
+                for agent in ("a", "b"):
+                    mem.create_completion(agent, long + f" {agent}{turn}", max_tokens=2,
+                                          temperature=0)
+                    asm = mem._engine._asm
+                    assert asm.nbytes > 0 or turn == 0
+                    assert not asm.any()
+            assert mem.stats().hits["ram" if budget else "disk"] >= 4

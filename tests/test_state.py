@@ -22,10 +22,7 @@ def blob(request):
         llm.create_completion(PROMPT, max_tokens=1, temperature=0)
         engine = Engine(llm)
         n = engine.n_tokens
-        snap = engine.snapshot()
-        # the same margin, as a compact blob: the window's cells only
-        compact = bytes(seqstate.set_front(snap.state, seqstate.parse(snap.state), 1, snap.swa_floor))
-        return bytes(engine._state(0)), n, compact, request.param, snap
+        return bytes(engine._state(0)), n, bytes(engine.snapshot().state), request.param, None
     finally:
         llm.close()
 
@@ -53,29 +50,24 @@ def test_set_front_pads_and_trims_back_to_the_same_bytes(blob):
     assert swa.pos_min == n - 511 - 64
 
 
-def test_snapshot_keeps_the_never_evicted_layout_with_zero_pages_below_its_floor(blob):
-    _, n, compact, _, snap = blob
-    # a full-size SWA cache: the snapshot is the whole dump with zero rows below the floor,
-    # which is exactly the compact window padded back to position 0
-    assert snap.swa_floor == n - 511 - 64
-    padded = bytes(snap.state)
-    assert padded == bytes(seqstate.set_front(compact, seqstate.parse(compact), 1, 0))
-    swa = check_state(padded, n).caches[1].only_stream()
-    assert (swa.pos_min, swa.cell_count) == (0, n)
-    # the zero rows are not counted: the cells' records are, 12 bytes each
-    assert snap.padding == len(padded) - len(compact) - 12 * snap.swa_floor
-    assert snap.nbytes == snap.tokens.nbytes + len(compact) + 12 * snap.swa_floor + snap.logits.nbytes
-    # and it is stored as the compact window would be: the padding is left out
-    for b in (16, 100, 256):
-        want = seqstate.split(compact, b)
-        got = seqstate.split(padded, b, floors=snap.split_floors(2))
-        assert want[0] == got[0]
-        assert [(p.cache, p.pos0, p.count, bytes(p.data)) for p in want[1]] == \
-            [(p.cache, p.pos0, p.count, bytes(p.data)) for p in got[1]]
+def test_set_front_into_a_given_buffer_reports_what_it_wrote(blob):
+    _, n, margin_blob, mode, _ = blob
+    want = bytes(seqstate.set_front(margin_blob, seqstate.parse(margin_blob), 1, 0))
+    buf = np.zeros(len(want) + 100, dtype=np.uint8)
+    wrote: list = []
+    got = seqstate.set_front(margin_blob, seqstate.parse(margin_blob), 1, 0,
+                             out=lambda k: buf[:k], written=wrote)
+    assert bytes(got) == want and got.base is buf
+    for a, b in wrote:  # zeroing what it wrote leaves zeros everywhere
+        buf[a:b] = 0
+    assert not buf.any()
+    if mode == "flash":  # the padding rows were never written (a transposed V is marked whole)
+        floor = check_state(margin_blob, n).caches[1].only_stream().pos_min
+        assert sum(b - a for a, b in wrote) == len(margin_blob) + 12 * floor
 
 
 def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
-    _, _, compact, mode, snap = blob
+    _, n, compact, mode, _ = blob
     shape, pieces = seqstate.split(compact, 256)
     want = bytes(seqstate.assemble(shape, pieces, front={1: 0}))
     buf = np.zeros(len(want) + 100, dtype=np.uint8)
@@ -86,7 +78,8 @@ def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
         buf[a:b] = 0
     assert not buf.any()
     if mode == "flash":  # the padding rows were never written (a transposed V is marked whole)
-        assert sum(b - a for a, b in wrote) == len(compact) + 12 * snap.swa_floor
+        floor = check_state(compact, n).caches[1].only_stream().pos_min
+        assert sum(b - a for a, b in wrote) == len(compact) + 12 * floor
 
 
 @pytest.mark.parametrize("block_tokens", [1, 16, 100, 256, 4096])
