@@ -79,7 +79,6 @@ class Engine:
         # restore, scrub() zeroes the ranges the assembly wrote.
         self._asm = np.empty(0, dtype=np.uint8)
         self._asm_dirty: list = []
-        self._laid_out_nbytes = 0  # the last whole-context dump's size: a restore's layout
         self._has_outputs = False  # the context has decoded at least once: it has a logits row
         self.on_prompt: Optional[Callable[[int, int], None]] = None  # (evaluated, reused)
         self.block_tokens = 1  # snapshots keep the SWA window from a multiple of this
@@ -182,7 +181,6 @@ class Engine:
         keep_from = max(0, self._floor, (max(0, n - self.n_swa + 1 - margin) // B) * B)
         if self.n_swa > 0 and keep_from > 0:
             whole = self._state(-1, scratch=True)  # every cell, SWA-masked ones included
-            self._laid_out_nbytes = max(self._laid_out_nbytes, whole.nbytes)
             try:
                 parsed = seqstate.parse(whole)
                 swa = parsed.caches[-1].only_stream()
@@ -201,7 +199,6 @@ class Engine:
         n = snap.n_tokens
         if n > self.llm.n_ctx():
             raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
-        self._zero_dirty()
         if isinstance(snap.state, Parts):
             blob, floor = self._assemble_like_never_evicted(snap.state, n)
         else:
@@ -259,10 +256,13 @@ class Engine:
     def _assembly_buffer(self, nbytes: int) -> np.ndarray:
         """``nbytes`` of the engine's assembly buffer, all zeros (grown when too small)."""
         if self._asm.nbytes < nbytes:
-            self._asm = np.zeros(nbytes + (nbytes >> 3), dtype=np.uint8)
-            self._asm_dirty.clear()
+            self._grow_assembly(nbytes)
         self._zero_dirty()
         return self._asm[:nbytes]
+
+    def _grow_assembly(self, nbytes: int) -> None:
+        self._asm = np.zeros(nbytes + (nbytes >> 2), dtype=np.uint8)
+        self._asm_dirty.clear()
 
     def _zero_dirty(self) -> None:
         for a, b in self._asm_dirty:
@@ -271,13 +271,14 @@ class Engine:
 
     def scrub(self) -> None:
         """Zero what the last assembly wrote, so the buffer's padding reads as zeros next time,
-        and grow the buffer to the live context's laid-out size plus a quarter, touching its
+        and grow the buffer to the live context's laid-out size (plus a quarter), touching its
         pages now (AgentMemory calls this after a turn, off the next restore's path: a fresh
-        buffer's first touch costs ~2 us per 4 KiB page on a VM, ~180 ms at 4,000 tokens)."""
+        buffer's first touch costs ~2 us per 4 KiB page on a VM, ~180 ms at 4,000 tokens).
+        The live context's layout is as large as its whole-context dump, which sized the
+        snapshot scratch buffer."""
         self._zero_dirty()
-        want = self._laid_out_nbytes + (self._laid_out_nbytes >> 2)
-        if self._asm.nbytes < self._laid_out_nbytes:
-            self._asm = np.empty(want, dtype=np.uint8)
+        if self._asm.nbytes < self._scratch.nbytes:
+            self._grow_assembly(self._scratch.nbytes)
             self._asm.fill(0)  # written, so its pages are this process's from now on
 
     def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):

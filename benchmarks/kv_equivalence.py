@@ -99,22 +99,28 @@ def turn_row(mem: AgentMemory) -> Dict[str, Any]:
             "restored": t.prompt_tokens_restored}
 
 
+def displaced_step(mem: AgentMemory, llm: Llama, agent_id: str, turns: List[dict],
+                   final: Dict[str, str]):
+    """A chat step for ``agent_id`` that records its turn and hashes, then lets another agent
+    take the context."""
+    def step(messages):
+        out = mem.create_chat_completion(agent_id, messages=messages, temperature=0,
+                                         max_tokens=MAX_TOKENS)
+        turns.append(turn_row(mem))
+        final.update(hashes(llm))
+        mem.create_completion("other", f"Note {len(turns)}: nothing to add.", max_tokens=2,
+                              temperature=0)
+        return text(out)
+    return step
+
+
 def evicted_in_process(llm: Llama, cache_dir: str, ram_budget: int,
                        questions: List[str]) -> Tuple[List[str], Dict[str, str], List[dict]]:
     """The subject agent, displaced by another agent after every turn."""
     turns: List[dict] = []
     final: Dict[str, str] = {}
     with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget) as mem:
-        def step(messages):
-            out = mem.create_chat_completion("subject", messages=messages, temperature=0,
-                                             max_tokens=MAX_TOKENS)
-            turns.append(turn_row(mem))
-            final.update(hashes(llm))
-            mem.create_completion("other", f"Note {len(turns)}: nothing to add.", max_tokens=2,
-                                  temperature=0)
-            return text(out)
-
-        answers = chat(step, questions)
+        answers = chat(displaced_step(mem, llm, "subject", turns, final), questions)
     return answers, final, turns
 
 
@@ -150,17 +156,7 @@ def evicted_from_prefix(llm: Llama, cache_dir: str,
             {"role": "user", "content": f"{SYSTEM}\n{QUESTIONS[0]}"}], temperature=0,
             max_tokens=MAX_TOKENS)
         mem.evict("writer")
-
-        def step(messages):
-            out = mem.create_chat_completion("reader", messages=messages, temperature=0,
-                                             max_tokens=MAX_TOKENS)
-            turns.append(turn_row(mem))
-            final.update(hashes(llm))
-            mem.create_completion("other", f"Note {len(turns)}: nothing to add.", max_tokens=2,
-                                  temperature=0)
-            return text(out)
-
-        answers = chat(step, questions)
+        answers = chat(displaced_step(mem, llm, "reader", turns, final), questions)
     return answers, final, turns
 
 

