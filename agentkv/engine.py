@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard depe
 
 from . import state as seqstate
 from .errors import CorruptEntry, NotALlama, RestoreFailed
+from .laid import LaidState, lay_out
 from .snapshot import Parts, Snapshot, check_state
 
 __all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "hash_file"]
@@ -160,13 +161,17 @@ class Engine:
             raise RestoreFailed(f"llama_state_seq_get_data wrote {written} of {size} bytes")
         return buf
 
-    def snapshot(self, margin: int = SWA_MARGIN) -> Snapshot:
+    def snapshot(self, margin: int = SWA_MARGIN, laid: bool = False) -> Snapshot:
         """The live tokens and the sequence state of their KV.
 
         For an SWA model the SWA layers keep at least ``margin`` positions more than the window
         the next token needs (from a multiple of ``block_tokens``), so that a prompt which
         rewrites the last few tokens of the history (a chat template re-rendering the previous
         answer) still continues exactly after a restore.
+
+        ``laid``: keep the state in the layout a restore loads (a :class:`~agentkv.laid.LaidState`,
+        its padding backed by the zero page), for snapshots held in RAM; compact where that
+        layout is not the one :meth:`restore` would build, or the kernel cannot back it.
         """
         llm = self.llm
         n = int(llm.n_tokens)
@@ -188,6 +193,10 @@ class Engine:
                 if (len(parsed.caches) == 2 and swa is not None and base is not None
                         and swa.simple_cells and base.simple_cells and swa.is_contiguous
                         and swa.pos_min <= keep_from and swa.pos_max == n - 1):
+                    if laid and self.swa_full and swa.pos_min == 0:
+                        kept = lay_out(whole, parsed, 1, keep_from, _SEQ)
+                        if kept is not None:
+                            return Snapshot(tokens, kept, logits)
                     return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ),
                                     logits)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
@@ -199,7 +208,12 @@ class Engine:
         n = snap.n_tokens
         if n > self.llm.n_ctx():
             raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
-        if isinstance(snap.state, Parts):
+        if isinstance(snap.state, LaidState):  # laid out and parsed when it was taken
+            blob, floor = snap.state.buf, snap.state.floor
+            base = snap.state.parsed.caches[0].only_stream()
+            if base is None or base.cell_count != n:
+                raise CorruptEntry(f"laid-out state does not hold the snapshot's {n} tokens")
+        elif isinstance(snap.state, Parts):
             blob, floor = self._assemble_like_never_evicted(snap.state, n)
         else:
             parsed = check_state(snap.state, n)

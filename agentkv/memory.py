@@ -449,7 +449,7 @@ class AgentMemory:
         t0 = time.perf_counter()
         snap = self._live_saved
         if snap is None:
-            snap = self._engine.snapshot()
+            snap = self._engine.snapshot(laid=True)
             self._writer.submit(agent_id, snap, self._next_generation(agent_id))
         self._live, self._live_saved = None, None
         with self._state_lock:
@@ -506,7 +506,7 @@ class AgentMemory:
         """Snapshot the live agent (kept as its current snapshot) and queue its disk write."""
         if self._live is not None and self._live_saved is None:
             t0 = time.perf_counter()
-            snap = self._engine.snapshot()
+            snap = self._engine.snapshot(laid=True)
             self._writer.submit(self._live, snap, self._next_generation(self._live))
             self._live_saved = snap
             with self._state_lock:

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import state as seqstate
 from .errors import CorruptEntry
+from .laid import LaidState
 
 __all__ = ["Snapshot", "Parts", "check_state"]
 
@@ -40,13 +41,15 @@ class Snapshot:
 
     Attributes:
         tokens: int32 token ids, ``tokens[i]`` sits at position ``i``.
-        state: the blob from ``llama_state_seq_get_data`` (any buffer), or its :class:`Parts`.
+        state: the blob from ``llama_state_seq_get_data`` (any buffer), its :class:`Parts`
+            (read from disk), or a :class:`~agentkv.laid.LaidState` (held in RAM, laid out
+            for the restore; ``nbytes`` counts the RAM it owns).
         logits: float32 logits after the last token, when the context had them; a restore
             that carries them lets the next turn sample at once instead of replaying a token.
     """
 
     tokens: np.ndarray
-    state: Union[Buffer, Parts]
+    state: Union[Buffer, Parts, LaidState]
     logits: Optional[np.ndarray] = None
 
     @property
@@ -56,7 +59,8 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.logits is None else int(self.logits.nbytes)
-        state = self.state.nbytes if isinstance(self.state, Parts) else memoryview(self.state).nbytes
+        state = self.state
+        state = state.nbytes if isinstance(state, (Parts, LaidState)) else memoryview(state).nbytes
         return int(self.tokens.nbytes) + state + extra
 
 

@@ -446,15 +446,15 @@ def shape_of(state: SeqState) -> Shape:
                                       for c in state.caches))
 
 
-def _cuts(st: StreamSection, block_tokens: int) -> List[int]:
-    """Cell indices where a stream is cut: where positions cross a multiple of block_tokens.
-    Streams that are not simple and contiguous stay whole."""
+def _cuts(st: StreamSection, block_tokens: int, a0: int = 0) -> List[int]:
+    """Cell indices where a stream is cut, from cell ``a0`` on: where positions cross a
+    multiple of block_tokens. Streams that are not simple and contiguous stay whole."""
     n = st.cell_count
     if block_tokens <= 0 or not st.simple_cells or not st.is_contiguous:
-        return [0, n]
+        return [a0, n]
     first = st.pos_min
-    cuts = [0]
-    nxt = (first // block_tokens + 1) * block_tokens
+    cuts = [a0]
+    nxt = ((first + a0) // block_tokens + 1) * block_tokens
     while nxt - first < n:
         cuts.append(nxt - first)
         nxt += block_tokens
@@ -511,8 +511,14 @@ def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
 
 
 def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
-                ext_size: int = 0) -> Tuple[Shape, List[PieceParts]]:
-    """:func:`split` without joining each piece's bytes (no copy of the blob)."""
+                ext_size: int = 0, start_at: Optional[Dict[int, int]] = None
+                ) -> Tuple[Shape, List[PieceParts]]:
+    """:func:`split` without joining each piece's bytes (no copy of the blob).
+
+    ``start_at`` maps a cache index to the first position to keep of its (one, simple,
+    contiguous) stream: the pieces are then those of the blob :func:`set_front` would give
+    with that position (a laid-out state split as its compact form, see laid.py).
+    """
     src = np.frombuffer(blob, dtype=np.uint8)
     if state is None:
         state = parse(src, ext_size)
@@ -528,7 +534,13 @@ def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
             offs = _cell_offsets(src, off, st, ext_size)
             cells_start = off
             spans = st.k + st.v
-            for a, b in zip((cuts := _cuts(st, block_tokens))[:-1], cuts[1:]):
+            a0 = 0
+            if start_at and ci in start_at:
+                if not st.simple_cells or not st.is_contiguous \
+                        or not st.pos_min <= start_at[ci] <= st.pos_max:
+                    raise ValueError(f"cache {ci} cannot start at position {start_at[ci]}")
+                a0 = start_at[ci] - st.pos_min
+            for a, b in zip((cuts := _cuts(st, block_tokens, a0))[:-1], cuts[1:]):
                 parts = [src[cells_start + offs[a]: cells_start + offs[b]]]
                 for sp in spans:
                     if sp.el_size == 0:

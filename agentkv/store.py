@@ -45,6 +45,7 @@ from .blocks import (BlockPayload, Record, Tail, blocks_digest, chain_keys, deco
                      decode_tail, encode_tail, open_block, seal_block)
 from .atrest import from_rest, to_rest
 from .errors import CorruptEntry, FingerprintMismatch
+from .laid import LaidState
 from .snapshot import Parts, Snapshot
 
 __all__ = ["DiskStore", "SafeDisk", "agent_key"]
@@ -312,8 +313,12 @@ class DiskStore:
         """Split a snapshot: (chain, shape, first, blocks [(key, payload)] per cache, tail
         pieces). ``whole_only``: None unless the state is whole blocks only."""
         B = self.block_tokens
-        parsed = seqstate.parse(snap.state)
-        shape, pieces = seqstate.split_parts(snap.state, B, parsed)
+        if isinstance(snap.state, LaidState):  # split as its compact form, from its views
+            parsed = snap.state.parsed
+            shape, pieces = snap.state.split_parts(B)
+        else:
+            parsed = seqstate.parse(snap.state)
+            shape, pieces = seqstate.split_parts(snap.state, B, parsed)
         chain = chain_keys(fingerprint, snap.tokens, B)
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
         first: List[int] = [0] * len(parsed.caches)

@@ -11,6 +11,7 @@ import numpy as np
 import xxhash
 
 from agentkv import AgentMemory
+from agentkv.laid import LaidState
 from conftest import QUESTIONS, chat_chain, last_logits, plain_step
 
 
@@ -31,12 +32,16 @@ def test_exact_through_ram(llm, tmp_path):
             logits = last_logits(llm)
             mem.create_completion("critic", next(other), max_tokens=4, temperature=0)
             step.logits = logits
+            # held in RAM laid out for the restore (its padding on the zero page)
+            step.laid += isinstance(mem._ram.peek("planner").state, LaidState)
             return out
 
+        step.laid = 0
         answers = chat_chain(step)
         stats = mem.stats()
     assert answers == ref_answers
     assert np.array_equal(step.logits, ref_logits)
+    assert step.laid == len(QUESTIONS)
     assert stats.hits["ram"] >= 2 * (len(QUESTIONS) - 1)
     assert stats.hits["disk"] == 0
 

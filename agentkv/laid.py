@@ -1,0 +1,120 @@
+"""A RAM snapshot kept in the layout it is restored in, its padding costing no RAM.
+
+An exact restore of an SWA model loads the never-evicted layout (state.py): in its SWA cache,
+masked zero cells in front of the window. At 4,000 tokens that layout is ~3.5x the bytes of
+the snapshot (74 MB against 21 MB for Gemma 3 270M), and building it at restore time is a copy
+inside the returning agent's time to first token. :func:`lay_out` builds it once, when the
+snapshot is taken, in a private anonymous mapping: the bytes that are data are copied in (the
+same copy a compact snapshot makes), and the page-aligned insides of the zero runs are
+populated read-only with the kernel's shared zero page (``MADV_POPULATE_READ``). Those pages
+cost no RAM, do not count in RSS, and take no page fault when llama.cpp reads them; huge pages
+are refused for the mapping (a huge page would make the padding resident).
+
+What such a snapshot owns is :attr:`LaidState.nbytes`, the data pages: about the compact size.
+Where the kernel lacks ``MADV_POPULATE_READ`` (before Linux 5.14, or not Linux) :func:`lay_out`
+returns None and the caller keeps the compact snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import state as seqstate
+
+__all__ = ["LaidState", "lay_out"]
+
+log = logging.getLogger(__name__)
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
+_supported: Optional[bool] = None  # learnt from the first attempt
+
+
+class LaidState:
+    """A sequence-state blob laid out as a never-evicted context holds it.
+
+    ``buf`` is what ``llama_state_seq_set_data`` loads (the SWA cache ``cache`` holds cells
+    ``0..n-1``, those below ``floor`` masked zeros); ``parsed`` is its parse; :meth:`compact`
+    gives the blob without the padding (the form the store splits into blocks).
+    """
+
+    __slots__ = ("buf", "parsed", "cache", "floor", "nbytes")
+
+    def __init__(self, buf: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int,
+                 nbytes: int) -> None:
+        self.buf = buf
+        self.parsed = parsed
+        self.cache = cache
+        self.floor = floor
+        self.nbytes = nbytes  # bytes of RAM it owns: its data pages, not the zero pages
+
+    def compact(self) -> np.ndarray:
+        """The state without the padding: a copy, the SWA cache from ``floor``."""
+        return seqstate.set_front(self.buf, self.parsed, self.cache, self.floor)
+
+    def split_parts(self, block_tokens: int):
+        """:func:`state.split_parts` of :meth:`compact`, without making it (views of ``buf``)."""
+        return seqstate.split_parts(self.buf, block_tokens, self.parsed,
+                                    start_at={self.cache: self.floor})
+
+
+def _zero_runs(parsed: seqstate.SeqState, cache: int, floor: int) -> List[Tuple[int, int]]:
+    """Byte ranges of the rows of the SWA cells below ``floor`` (cells 0..floor-1)."""
+    st = parsed.caches[cache].only_stream()
+    assert st is not None
+    runs: List[Tuple[int, int]] = []
+    for sp in st.k + st.v:
+        if sp.el_size == 0:
+            runs.append((sp.start, sp.start + floor * sp.row_size))
+        else:  # transposed V: one run per embedding row
+            row = st.cell_count * sp.el_size
+            runs.extend((sp.start + r * row, sp.start + r * row + floor * sp.el_size)
+                        for r in range(sp.n_embd))
+    return [(a, b) for a, b in runs if b > a]
+
+
+def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int,
+            seq_id: int) -> Optional[LaidState]:
+    """The never-evicted layout of a whole-context dump whose SWA cache ``cache`` holds cells
+    ``0..n-1``, with the cells below ``floor`` zeroed and the header naming ``seq_id``.
+
+    Returns None where the kernel cannot back the padding with the zero page.
+    """
+    global _supported
+    if _supported is False:
+        return None
+    st = parsed.caches[cache].only_stream()
+    if st is None or not st.simple_cells or not st.is_contiguous or st.pos_min != 0 \
+            or not 0 < floor <= st.pos_max:
+        raise ValueError("lay_out needs an SWA stream of simple cells from position 0")
+    size = int(whole.nbytes)
+    page = mmap.PAGESIZE
+    try:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        mm.madvise(_MADV_NOHUGEPAGE)
+        zero = 0
+        for a, b in _zero_runs(parsed, cache, floor):
+            a, b = -(-a // page) * page, b // page * page
+            if b > a:
+                mm.madvise(_MADV_POPULATE_READ, a, b - a)
+                zero += b - a
+    except (OSError, ValueError, AttributeError) as exc:
+        if _supported is None:
+            log.info("RAM snapshots stay compact: the zero page cannot back their padding (%s)",
+                     exc)
+        _supported = False
+        return None
+    _supported = True
+    buf = np.frombuffer(mm, dtype=np.uint8)  # keeps the mapping alive; unmapped with the last view
+    src = np.frombuffer(whole, dtype=np.uint8)
+    at = 0
+    for a, b in _zero_runs(parsed, cache, floor):
+        buf[at:a] = src[at:a]
+        at = b
+    buf[at:] = src[at:]
+    buf[4:8] = np.frombuffer(np.int32(seq_id).tobytes(), np.uint8)
+    return LaidState(buf, seqstate.parse(buf), cache, floor, -(-size // page) * page - zero)

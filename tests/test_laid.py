@@ -1,0 +1,93 @@
+"""RAM snapshots laid out for the restore: the same bytes, the padding on the zero page."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+
+from agentkv import state as seqstate
+from agentkv.engine import Engine
+from agentkv.laid import LaidState, _zero_runs
+from conftest import make_llm
+
+PROMPT = "Layout food: " + " ".join(f"a pebble numbered {i} rolls downhill." for i in range(180))
+
+
+@pytest.fixture(scope="module", params=["flash", "transposed"])
+def snaps(request):
+    llm = make_llm(flash_attn=request.param == "flash", n_ctx=2048)
+    try:
+        llm.create_completion(PROMPT, max_tokens=1, temperature=0)
+        engine = Engine(llm)
+        engine.block_tokens = 64
+        laid, compact = engine.snapshot(laid=True), engine.snapshot()
+        # what a restore of the compact snapshot loads: the never-evicted layout
+        parsed = seqstate.parse(compact.state)
+        loaded = bytes(engine._layout_like_never_evicted(compact.state, parsed, compact.n_tokens)[0])
+        engine._zero_dirty()
+        return laid, compact, loaded, request.param
+    finally:
+        llm.close()
+
+
+def vma_rss(buf: np.ndarray) -> int:
+    """Resident bytes of the mapping that holds ``buf`` (/proc/self/smaps)."""
+    addr = buf.ctypes.data
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+def test_laid_state_is_what_a_restore_loads_and_splits_as_the_compact_one(snaps):
+    laid, compact, loaded, _ = snaps
+    assert isinstance(laid.state, LaidState) and not isinstance(compact.state, LaidState)
+    assert np.array_equal(laid.tokens, compact.tokens)
+    assert np.array_equal(laid.logits, compact.logits)
+    assert bytes(laid.state.buf) == loaded
+    assert bytes(laid.state.compact()) == bytes(compact.state)
+    shape_a, parts_a = laid.state.split_parts(64)
+    shape_b, parts_b = seqstate.split_parts(compact.state, 64)
+    assert shape_a == shape_b
+    assert [(p.cache, p.stream, p.pos0, p.count, p.cells_len) for p in parts_a] == \
+           [(p.cache, p.stream, p.pos0, p.count, p.cells_len) for p in parts_b]
+    assert all(bytes(p.piece().data) == bytes(q.piece().data) for p, q in zip(parts_a, parts_b))
+
+
+def test_laid_padding_costs_no_ram(snaps):
+    laid, compact, loaded, mode = snaps
+    st = laid.state
+    page = mmap.PAGESIZE
+    runs = _zero_runs(st.parsed, st.cache, st.floor)
+    # the zero runs are the padding cells' rows: all the layout adds but their cell records
+    assert sum(b - a for a, b in runs) == len(loaded) - len(compact.state) - 12 * st.floor
+    # owned: the compact bytes, plus at most the partial pages at the ends of the zero runs
+    assert len(compact.state) <= st.nbytes <= len(compact.state) + 2 * page * len(runs) + page
+    if mode == "flash":  # rows are cells: the zero runs are long, and their pages never resident
+        assert st.nbytes < 0.6 * st.buf.nbytes
+        assert vma_rss(st.buf) <= st.nbytes
+    assert not np.any(st.buf[[a + (b - a) // 2 for a, b in runs]])
+
+
+@pytest.mark.parametrize("start", [0, 1, 63, 64, 65])
+def test_split_parts_start_at_matches_set_front(snaps, start):
+    """split_parts(start_at=p) cuts exactly the blocks set_front(p) would be cut into."""
+    _, _, loaded, _ = snaps
+    parsed = seqstate.parse(loaded)
+    swa = parsed.caches[1].only_stream()
+    p = swa.pos_max - 700 + start
+    want_shape, want = seqstate.split(seqstate.set_front(loaded, parsed, 1, p), 64)
+    shape, got = seqstate.split_parts(loaded, 64, parsed, start_at={1: p})
+    assert shape == want_shape
+    assert [(q.cache, q.pos0, q.count, bytes(q.piece().data)) for q in got] == \
+           [(q.cache, q.pos0, q.count, bytes(q.data)) for q in want]
+    with pytest.raises(ValueError, match="cannot start"):
+        seqstate.split_parts(loaded, 64, parsed, start_at={1: swa.pos_max + 1})
