@@ -89,6 +89,7 @@ class Engine:
         self.on_cold_prompt: Optional[Callable[[np.ndarray], None]] = None
         self.plan_cut: Optional[Callable[[np.ndarray, int], int]] = None
         self.on_cut: Optional[Callable[[int], None]] = None
+        self.on_first_token: Optional[Callable[[], None]] = None  # generate made its first token
 
     # -- identity -------------------------------------------------------------------------
 
@@ -386,4 +387,17 @@ class Engine:
                 tokens = tokens[reuse:]
             else:
                 llm.reset()
-        return Llama.generate(llm, tokens, *args, **kwargs)
+        tokens_out = Llama.generate(llm, tokens, *args, **kwargs)
+        return tokens_out if self.on_first_token is None else self._first_token(tokens_out)
+
+    def _first_token(self, tokens_out: Iterator[int]) -> Iterator[int]:
+        """``tokens_out``, calling ``on_first_token`` once the first token is made."""
+        try:
+            first = next(tokens_out)
+        except StopIteration:
+            return
+        finally:
+            if self.on_first_token is not None:
+                self.on_first_token()
+        yield first
+        yield from tokens_out

@@ -185,8 +185,11 @@ class AgentMemory:
             self._engine.on_cold_prompt = self._restore_prefix
             self._engine.plan_cut = self._plan_cut
             self._engine.on_cut = self._store_cut
-        self._writer_may_run = threading.Event()  # cleared while a restore runs
+        # Cleared from a restore until the turn's first token (or its end): background saves
+        # yield to the returning agent's time to first token.
+        self._writer_may_run = threading.Event()
         self._writer_may_run.set()
+        self._engine.on_first_token = self._writer_may_run.set
         self._writer = WriteBehind(self._persist)
         self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", self._config.cache_dir,
@@ -376,6 +379,7 @@ class AgentMemory:
                 yield self._engine.llm
                 self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
+                self._writer_may_run.set()  # the turn made no token (or made them all)
                 self._engine.scrub()  # ready for the next disk restore, outside its TTFT
                 while self._pushed_out:  # what RAM pushed out is durable before the next turn
                     self._writer.wait(self._pushed_out.pop()[0])
@@ -423,11 +427,12 @@ class AgentMemory:
         t1 = time.perf_counter()
         if held is None:
             self._writer.wait(agent_id)  # a snapshot of it may still be on its way to disk
-        self._writer_may_run.clear()  # background saves yield to the restore (its TTFT)
+        self._writer_may_run.clear()  # until the first token: background saves yield
         try:
             source = self._restore(agent_id, held)
-        finally:
+        except BaseException:
             self._writer_may_run.set()
+            raise
         t2 = time.perf_counter()
         self._live = agent_id
         with self._state_lock:
@@ -564,7 +569,8 @@ class AgentMemory:
             self._stats.save_seconds += time.perf_counter() - t0
 
     def _yield_to_restores(self) -> None:
-        """Writer thread: wait while a restore runs (bounded, so a save is never starved)."""
+        """Writer thread: wait while a returning agent waits for its first token (bounded, so
+        a save is never starved by a long prefill)."""
         self._writer_may_run.wait(timeout=0.5)
 
     def _persist(self, agent_id: Any, snap: Snapshot, generation: int) -> None:

@@ -229,16 +229,20 @@ def clear_kv(llm: Any) -> None:
     llm._ctx.kv_cache_seq_rm(-1, 0, -1)
 
 
-def bare_set_data(llm: Any, blob: np.ndarray) -> float:
-    """Seconds for one bare ``llama_state_seq_set_data`` of ``blob`` (KV cleared first, untimed)."""
-    clear_kv(llm)
+def bare_set_data(llm: Any, blob: np.ndarray, repeats: int = 3) -> float:
+    """Median seconds of a bare ``llama_state_seq_set_data`` of ``blob`` (KV cleared first,
+    untimed), after one untimed call: a fresh blob's untouched pages (the zeros of a calloc'd
+    padded layout) would otherwise add a page fault per 4 KiB to the floor."""
     ptr = blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-    t0 = time.perf_counter()
-    read = llama_cpp.llama_state_seq_set_data(llm.ctx, ptr, blob.nbytes, SEQ)
-    dt = time.perf_counter() - t0
-    if read == 0:
-        raise RuntimeError("llama_state_seq_set_data refused the state")
-    return dt
+    times = []
+    for _ in range(repeats + 1):
+        clear_kv(llm)
+        t0 = time.perf_counter()
+        read = llama_cpp.llama_state_seq_set_data(llm.ctx, ptr, blob.nbytes, SEQ)
+        times.append(time.perf_counter() - t0)
+        if read == 0:
+            raise RuntimeError("llama_state_seq_set_data refused the state")
+    return statistics.median(times[1:])
 
 
 def never_evicted_layout(llm: Any, blob: np.ndarray) -> np.ndarray:
