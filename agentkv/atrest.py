@@ -15,9 +15,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import ConfigError
-from .state import Piece, Shape, piece_regions
+from .state import LazyPiece, Piece, Shape, piece_regions
 
-__all__ = ["CODES", "code_of", "to_rest", "from_rest"]
+__all__ = ["CODES", "code_of", "to_rest", "from_rest", "RestPiece"]
 
 GGML_F16 = 1
 CODES: Dict[str, int] = {"q8_0": 1, "q4_0": 2, "q4_1": 3, "iq4_nl": 4}
@@ -53,8 +53,40 @@ def to_rest(shape: Shape, piece: Piece, code: int) -> Piece:
                  np.concatenate(parts))
 
 
-def from_rest(shape: Shape, piece: Piece, code: int) -> Piece:
-    """The float16 piece back from its at-rest form (raises CorruptEntry on a size mismatch)."""
+class RestPiece(LazyPiece):
+    """A piece still in its at-rest form, its sizes checked: :func:`~agentkv.state.assemble`
+    decodes it straight into its places in the blob (no float16 copy of its own).
+
+    ``data`` is ``(src, fmt, runs)``: the at-rest bytes, the format, and per K/V region the
+    ``(offset in src, stored size, float16 size, transcoded)``.
+    """
+
+    @property
+    def nbytes(self) -> int:
+        return self.cells_len + sum(n for _, _, n, _ in self.data[2])
+
+    def read_into(self, views: List[memoryview]) -> None:
+        from . import quant
+        from .errors import CorruptEntry
+        src, fmt, runs = self.data
+        if len(views) != 1 + len(runs) or memoryview(views[0]).nbytes != self.cells_len:
+            raise CorruptEntry("at-rest piece regions do not match its shape")
+        np.frombuffer(views[0], dtype=np.uint8)[:] = src[:self.cells_len]
+        for view, (i, size, n, transcoded) in zip(views[1:], runs):
+            out = np.frombuffer(view, dtype=np.uint8)
+            if out.nbytes != n:
+                raise CorruptEntry("at-rest piece regions do not match its shape")
+            if transcoded:
+                quant.decode(src[i:i + size], fmt, out=out)
+            else:
+                out[:] = src[i:i + size]
+
+
+def from_rest(shape: Shape, piece: Piece, code: int, lazy: bool = False) -> Piece:
+    """The float16 piece back from its at-rest form (raises CorruptEntry on a size mismatch).
+
+    ``lazy``: a :class:`RestPiece` that assembly decodes in place (streams whose V is not
+    transposed; others are decoded here)."""
     if code == 0:
         return piece
     from . import quant
@@ -62,19 +94,22 @@ def from_rest(shape: Shape, piece: Piece, code: int) -> Piece:
     fmt = _NAMES[code]
     src = np.frombuffer(piece.data, dtype=np.uint8)
     regions = piece_regions(shape, piece)
-    total = piece.cells_len + sum(n for _, n, _ in regions)
-    out = np.empty(total, dtype=np.uint8)
-    out[:piece.cells_len] = src[:piece.cells_len]
+    runs = []
     i = piece.cells_len
     for off, n, t in regions:
         size = quant.encoded_size(n // 2, fmt) if _transcoded(n, t) else n
         if i + size > src.size:
             raise CorruptEntry("at-rest piece is shorter than its shape says")
-        if _transcoded(n, t):
-            quant.decode(src[i:i + size], fmt, out=out[off:off + n].view(np.uint16))
-        else:
-            out[off:off + n] = src[i:i + size]
+        runs.append((i, size, n, _transcoded(n, t)))
         i += size
     if i != src.size:
         raise CorruptEntry("at-rest piece is longer than its shape says")
+    rest = RestPiece(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len,
+                     (src, fmt, runs))
+    if lazy and not shape.caches[piece.cache][piece.stream].v_trans:  # type: ignore[union-attr]
+        return rest
+    out = np.empty(rest.nbytes, dtype=np.uint8)
+    views = [memoryview(out[:piece.cells_len])] + [memoryview(out[off:off + n])
+                                                   for off, n, _ in regions]
+    rest.read_into(views)
     return Piece(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len, out)

@@ -184,7 +184,9 @@ class Engine:
             logits = self.last_logits()
             self._has_outputs = True
         B = max(1, self.block_tokens)
-        keep_from = max(0, self._floor, (max(0, n - self.n_swa + 1 - margin) // B) * B)
+        # (a floor past the last position is stale: the context was evaluated again since)
+        floor = self._floor if self._floor < n else 0
+        keep_from = max(0, floor, (max(0, n - self.n_swa + 1 - margin) // B) * B)
         if self.n_swa > 0 and keep_from > 0:
             whole = self._state(-1, scratch=True)  # every cell, SWA-masked ones included
             try:
@@ -387,6 +389,7 @@ class Engine:
                 tokens = tokens[reuse:]
             else:
                 llm.reset()
+                self._floor = 0  # the whole prompt is evaluated again: its KV is all real
         tokens_out = Llama.generate(llm, tokens, *args, **kwargs)
         return tokens_out if self.on_first_token is None else self._first_token(tokens_out)
 

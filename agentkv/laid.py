@@ -17,6 +17,7 @@ returns None and the caller keeps the compact snapshot.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 from typing import List, Optional, Tuple
@@ -95,18 +96,25 @@ def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int
     page = mmap.PAGESIZE
     try:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    except OSError as exc:  # out of address space or commit charge: this snapshot stays compact
+        log.debug("no mapping for a laid-out snapshot (%s); keeping it compact", exc)
+        return None
+    zero = 0
+    try:
         mm.madvise(_MADV_NOHUGEPAGE)
-        zero = 0
         for a, b in _zero_runs(parsed, cache, floor):
             a, b = -(-a // page) * page, b // page * page
             if b > a:
                 mm.madvise(_MADV_POPULATE_READ, a, b - a)
                 zero += b - a
-    except (OSError, ValueError, AttributeError) as exc:
-        if _supported is None:
+    except (OSError, AttributeError) as exc:
+        mm.close()
+        if isinstance(exc, AttributeError) or exc.errno == errno.EINVAL:  # not this kernel's
             log.info("RAM snapshots stay compact: the zero page cannot back their padding (%s)",
                      exc)
-        _supported = False
+            _supported = False
+        else:
+            log.debug("could not back a snapshot's padding (%s); keeping it compact", exc)
         return None
     _supported = True
     buf = np.frombuffer(mm, dtype=np.uint8)  # keeps the mapping alive; unmapped with the last view

@@ -278,7 +278,7 @@ class AgentMemory:
                 known = True
             if self._ram.pop(agent_id) is not None:
                 known = True
-            self._writer.wait(agent_id)
+            self._wait_writer(agent_id)
             if not known and not self._store.has_agent(agent_id):
                 raise UnknownAgent(f"no agent {agent_id!r} in this memory")
 
@@ -295,7 +295,7 @@ class AgentMemory:
                 known = True
             with self._state_lock:
                 self._wanted.pop(agent_id, None)
-            self._writer.wait(agent_id)
+            self._wait_writer(agent_id)
             known = self._store.drop(agent_id) or known
             self._last_used.pop(agent_id, None)
             if not known:
@@ -382,7 +382,7 @@ class AgentMemory:
                 self._writer_may_run.set()  # the turn made no token (or made them all)
                 self._engine.scrub()  # ready for the next disk restore, outside its TTFT
                 while self._pushed_out:  # what RAM pushed out is durable before the next turn
-                    self._writer.wait(self._pushed_out.pop()[0])
+                    self._wait_writer(self._pushed_out.pop()[0])
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
                 self.last_turn = record
@@ -426,7 +426,7 @@ class AgentMemory:
         self._evict_live(defer=True)
         t1 = time.perf_counter()
         if held is None:
-            self._writer.wait(agent_id)  # a snapshot of it may still be on its way to disk
+            self._wait_writer(agent_id)  # a snapshot of it may still be on its way to disk
         self._writer_may_run.clear()  # until the first token: background saves yield
         try:
             source = self._restore(agent_id, held)
@@ -463,7 +463,7 @@ class AgentMemory:
             if defer:  # held until then too: unmapping a snapshot's pages takes a while
                 self._pushed_out.append((victim, pushed))
             else:
-                self._writer.wait(victim)
+                self._wait_writer(victim)
 
     def _restore(self, agent_id: str, snap: Optional[Snapshot]) -> str:
         source = "ram"
@@ -519,7 +519,7 @@ class AgentMemory:
 
     def _flush_locked(self) -> None:
         self._save_live()
-        self._writer.drain()
+        self._wait_writer()
 
     # -- shared prefixes ------------------------------------------------------------------
 
@@ -528,7 +528,7 @@ class AgentMemory:
         record = self._turn_record
         if record is None or record.source != "cold" or record._generates:
             return
-        self._writer.drain()  # a state on its way to disk may hold the prefix
+        self._wait_writer()  # a state on its way to disk may hold the prefix
         t0 = time.perf_counter()
         try:
             snap, nread = self._store.find_prefix(prompt, self._fingerprint, self._engine.n_swa,
@@ -557,7 +557,7 @@ class AgentMemory:
         B = self._config.block_tokens
         if reuse > 0 or len(prompt) < B:
             return 0  # only a context evaluated from the start can store a shared prefix
-        self._writer.drain()
+        self._wait_writer()
         return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa)
 
     def _store_cut(self, n_tokens: int) -> None:
@@ -567,6 +567,16 @@ class AgentMemory:
         self._writer.submit(("cut", n_tokens), snap, 0)
         with self._state_lock:
             self._stats.save_seconds += time.perf_counter() - t0
+
+    def _wait_writer(self, agent_id: Optional[str] = None) -> None:
+        """Wait until the agent's queued save (or every queued save) is on disk. The writer
+        may run from here on: a writer paused for a first token would make this wait ~0.5 s
+        per block."""
+        self._writer_may_run.set()
+        if agent_id is None:
+            self._writer.drain()
+        else:
+            self._writer.wait(agent_id)
 
     def _yield_to_restores(self) -> None:
         """Writer thread: wait while a returning agent waits for its first token (bounded, so

@@ -38,7 +38,7 @@ import numpy as np
 from .errors import CorruptEntry
 
 __all__ = ["SEQ_MAGIC", "StreamSection", "CacheSection", "SeqState", "parse", "set_front",
-           "StreamShape", "Shape", "Piece", "FilePiece", "PieceParts", "shape_of", "split",
+           "StreamShape", "Shape", "Piece", "LazyPiece", "FilePiece", "PieceParts", "shape_of", "split",
            "split_parts", "assemble",
            "piece_regions"]
 
@@ -378,7 +378,17 @@ class Piece:
         return memoryview(self.data).nbytes
 
 
-class FilePiece(Piece):
+class LazyPiece(Piece):
+    """A piece whose bytes :func:`assemble` has made straight in their places in the blob:
+    it notes the piece's regions there (cell records, then each K and each V layer's rows:
+    the piece's byte order) and calls ``read_into`` with a view of each. ``nbytes`` is the
+    length the piece has once made."""
+
+    def read_into(self, views: List[memoryview]) -> None:
+        raise NotImplementedError
+
+
+class FilePiece(LazyPiece):
     """A piece whose bytes are still in a file: :func:`assemble` reads them straight into
     their places in the blob (one copy, by the kernel) and then calls ``verify``.
 
@@ -570,7 +580,7 @@ def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int,
         return None
     if first.cells_len != 12 * first.count:
         raise ValueError("only streams of simple cells can be padded")
-    seq = seq_id if isinstance(first, FilePiece) else \
+    seq = seq_id if isinstance(first, LazyPiece) else \
         int(np.frombuffer(first.data, dtype=_CELL_DTYPE, count=1)["seq_id"][0])
     cells = np.zeros(count, dtype=_CELL_DTYPE)
     cells["pos"] = np.arange(new_pos_min, first.pos0, dtype=np.int32)
@@ -653,8 +663,8 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
                 continue
             n = sum(p.count for p in ps)
             put(struct.pack("<I", n))
-            # a FilePiece's regions are noted here (in its byte order) and read in the end
-            datas = [None if isinstance(p, FilePiece) else np.frombuffer(p.data, dtype=np.uint8)
+            # a LazyPiece's regions are noted here (in its byte order) and made in the end
+            datas = [None if isinstance(p, LazyPiece) else np.frombuffer(p.data, dtype=np.uint8)
                      for p in ps]
             for p, d in zip(ps, datas):
                 if d is None:

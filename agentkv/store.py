@@ -527,7 +527,7 @@ class DiskStore:
                 nread += len(payload)
                 piece = decode_block(payload, fingerprint, key[4:], chain[j], c, j * B, B,
                                      self.at_rest)
-                pieces.append(from_rest(shape, piece, self.at_rest))
+                pieces.append(from_rest(shape, piece, self.at_rest, lazy=into is not None))
         return pieces, nread
 
     def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False
@@ -569,7 +569,8 @@ class DiskStore:
                     continue  # replaced meanwhile: read the new one
                 raise
             break
-        pieces += [from_rest(tail.shape, p, self.at_rest) for p in tail.pieces]
+        pieces += [from_rest(tail.shape, p, self.at_rest, lazy=into is not None)
+                   for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(key)
         return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits),

@@ -20,7 +20,9 @@ the KV dropped (a full re-prefill).
 TTFT is measured from the caller: from the call until the first streamed token, with the
 snapshot of the displaced agent, the disk read, checks and the restore all inside it.
 ``--cold-disk`` writes back and drops every file of the cache from the page cache
-(``posix_fadvise(POSIX_FADV_DONTNEED)``) before each returning turn, outside the timing.
+(``posix_fadvise(POSIX_FADV_DONTNEED)``) before each returning turn, outside the timing;
+without it, every file of the cache is read once before each returning turn (untimed), so
+that "warm" holds on hosts that page out idle page cache (this VM drops it after 60 s idle).
 
 The floor, measured in the same run on the same Llama from the naive run's own KV (bare
 llama-cpp-python calls, no agentkv): for a resume, a bare ``llama_state_seq_set_data`` of the
@@ -115,6 +117,8 @@ def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: i
                 prompt = history[agent_id] + suffix
                 if args.cold_disk and kind != "build":
                     bu.drop_page_cache(cache_dir)  # untimed; files still being written stay
+                elif kind != "build":
+                    bu.warm_page_cache(cache_dir)  # untimed: warm means in the page cache
                 read_before = mem.stats().bytes_read
                 m = ttft_and_decode(mem.create_completion(
                     agent_id, prompt, max_tokens=args.max_tokens, temperature=0, stream=True))

@@ -107,3 +107,33 @@ def test_close_hands_back_a_plain_llama(llm, tmp_path):
     out = llm.create_completion("Hello", max_tokens=2, temperature=0)
     assert out["choices"][0]["text"]
     assert np.isfinite(last_logits(llm)).all()
+
+
+class _TimedEvent(threading.Event):
+    """An Event that counts the waits that ran out of time."""
+
+    timeouts = 0
+
+    def wait(self, timeout=None):
+        ok = super().wait(timeout)
+        if not ok:
+            type(self).timeouts += 1
+        return ok
+
+
+def test_background_saves_pause_only_for_a_first_token(llm, tmp_path):
+    """Saves yield while a returning agent waits for its first token, but nothing the turn
+    itself waits for (a drain before a shared-prefix lookup) may sit behind a paused writer:
+    that cost ~0.5 s per block and tripled new agents' prefill."""
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+        event = _TimedEvent()
+        event.set()
+        mem._writer_may_run = event
+        mem._engine.on_first_token = event.set
+        for i in range(3):  # new agents: each drains the writer before its prefix lookup
+            prompt = f"Agent {i} notes: " + " ".join(f"item {j} is {j * i % 7}." for j in range(90))
+            mem.create_completion(f"a{i}", prompt, max_tokens=2, temperature=0)
+            assert event.is_set()  # the turn is over: saves go on
+        mem.create_completion("a0", "", max_tokens=2, temperature=0)  # a return from RAM
+        mem.flush()
+    assert _TimedEvent.timeouts == 0

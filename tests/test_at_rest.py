@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from agentkv import AgentMemory, ConfigError
+from agentkv import state as seqstate
+from agentkv.atrest import RestPiece
 from conftest import last_logits
 
 PROMPT = "Ledger: " + " ".join(f"entry {i} moves {i * 3 % 17} crates to dock {i % 4}." for i in range(70))
@@ -72,3 +74,17 @@ def test_ram_restores_stay_exact_with_at_rest(llm, tmp_path):
 def test_unknown_at_rest_format_is_a_config_error(llm, tmp_path):
     with pytest.raises(ConfigError, match="at_rest"):
         AgentMemory(llm, cache_dir=tmp_path, at_rest="q3_k")
+
+
+def test_restore_decodes_in_place_to_the_same_state(llm, tmp_path):
+    """A restore's read (scratch) decodes at-rest pieces straight into the assembled state;
+    it must give the bytes the plain read's decoded pieces assemble to."""
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0, at_rest="q4_0") as mem:
+        mem.create_completion("a", PROMPT, max_tokens=1, temperature=0)
+        mem.flush()
+        plain, _ = mem._store.get("a", mem._fingerprint)
+        want = bytes(seqstate.assemble(plain.state.shape, plain.state.pieces))
+        lazy, _ = mem._store.get("a", mem._fingerprint, scratch=True)
+        assert any(isinstance(p, RestPiece) for p in lazy.state.pieces)
+        assert not any(isinstance(p, RestPiece) for p in plain.state.pieces)
+        assert bytes(seqstate.assemble(lazy.state.shape, lazy.state.pieces)) == want

@@ -9,6 +9,7 @@ import pytest
 
 from agentkv import state as seqstate
 from agentkv.engine import Engine
+from agentkv import laid as laidmod
 from agentkv.laid import LaidState, _zero_runs
 from conftest import make_llm
 
@@ -23,11 +24,12 @@ def snaps(request):
         engine = Engine(llm)
         engine.block_tokens = 64
         laid, compact = engine.snapshot(laid=True), engine.snapshot()
+        whole = engine._state(-1).copy()
         # what a restore of the compact snapshot loads: the never-evicted layout
         parsed = seqstate.parse(compact.state)
         loaded = bytes(engine._layout_like_never_evicted(compact.state, parsed, compact.n_tokens)[0])
         engine._zero_dirty()
-        return laid, compact, loaded, request.param
+        return laid, compact, loaded, request.param, whole
     finally:
         llm.close()
 
@@ -48,7 +50,7 @@ def vma_rss(buf: np.ndarray) -> int:
 
 
 def test_laid_state_is_what_a_restore_loads_and_splits_as_the_compact_one(snaps):
-    laid, compact, loaded, _ = snaps
+    laid, compact, loaded, _, _ = snaps
     assert isinstance(laid.state, LaidState) and not isinstance(compact.state, LaidState)
     assert np.array_equal(laid.tokens, compact.tokens)
     assert np.array_equal(laid.logits, compact.logits)
@@ -63,7 +65,7 @@ def test_laid_state_is_what_a_restore_loads_and_splits_as_the_compact_one(snaps)
 
 
 def test_laid_padding_costs_no_ram(snaps):
-    laid, compact, loaded, mode = snaps
+    laid, compact, loaded, mode, _ = snaps
     st = laid.state
     page = mmap.PAGESIZE
     runs = _zero_runs(st.parsed, st.cache, st.floor)
@@ -80,7 +82,7 @@ def test_laid_padding_costs_no_ram(snaps):
 @pytest.mark.parametrize("start", [0, 1, 63, 64, 65])
 def test_split_parts_start_at_matches_set_front(snaps, start):
     """split_parts(start_at=p) cuts exactly the blocks set_front(p) would be cut into."""
-    _, _, loaded, _ = snaps
+    _, _, loaded, _, _ = snaps
     parsed = seqstate.parse(loaded)
     swa = parsed.caches[1].only_stream()
     p = swa.pos_max - 700 + start
@@ -91,3 +93,15 @@ def test_split_parts_start_at_matches_set_front(snaps, start):
            [(q.cache, q.pos0, q.count, bytes(q.data)) for q in want]
     with pytest.raises(ValueError, match="cannot start"):
         seqstate.split_parts(loaded, 64, parsed, start_at={1: swa.pos_max + 1})
+
+
+def test_lay_out_rebuilds_the_snapshot_and_falls_back_where_the_kernel_cannot(snaps, monkeypatch):
+    laid, compact, loaded, _, whole = snaps
+    again = laidmod.lay_out(whole, seqstate.parse(whole), 1, laid.state.floor, 0)
+    assert bytes(again.buf) == loaded
+    with pytest.raises(ValueError, match="from position 0"):  # a compact state has no front
+        laidmod.lay_out(compact.state, seqstate.parse(compact.state), 1, laid.state.floor, 0)
+    monkeypatch.setattr(laidmod, "_supported", None)
+    monkeypatch.setattr(laidmod, "_MADV_POPULATE_READ", 12345)  # an advice no kernel knows
+    assert laidmod.lay_out(whole, seqstate.parse(whole), 1, laid.state.floor, 0) is None
+    assert laidmod._supported is False  # learnt once: later snapshots stay compact at once
