@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import xxhash
 
 from agentkv import AgentMemory
@@ -21,9 +22,10 @@ def reference(llm):
     return answers, last_logits(llm)
 
 
-def test_exact_through_ram(llm, tmp_path):
+@pytest.mark.parametrize("laid", [True, False], ids=["laid-out", "compact"])
+def test_exact_through_ram(llm, tmp_path, laid):
     ref_answers, ref_logits = reference(llm)
-    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB", ram_laid_out=laid) as mem:
         other = iter(QUESTIONS * 2)
 
         def step(messages):
@@ -41,7 +43,7 @@ def test_exact_through_ram(llm, tmp_path):
         stats = mem.stats()
     assert answers == ref_answers
     assert np.array_equal(step.logits, ref_logits)
-    assert step.laid == len(QUESTIONS)
+    assert step.laid == (len(QUESTIONS) if laid else 0)
     assert stats.hits["ram"] >= 2 * (len(QUESTIONS) - 1)
     assert stats.hits["disk"] == 0
 

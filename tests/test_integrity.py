@@ -180,6 +180,8 @@ def test_misuse_raises_named_errors(llm, tmp_path):
         AgentMemory(llm, cache_dir=tmp_path, ram_budget="12 parsecs")
     with pytest.raises(ConfigError, match="disk_budget"):
         AgentMemory(llm, cache_dir=tmp_path, disk_budget=-1)
+    with pytest.raises(ConfigError, match="ram_laid_out"):
+        AgentMemory(llm, cache_dir=tmp_path, ram_laid_out="yes")
     mem = AgentMemory(llm, cache_dir=tmp_path)
     with pytest.raises(UnknownAgent) as err:
         mem.forget("nobody")
