@@ -17,6 +17,7 @@ returns None and the caller keeps the compact snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import mmap
@@ -39,8 +40,8 @@ class LaidState:
     """A sequence-state blob laid out as a never-evicted context holds it.
 
     ``buf`` is what ``llama_state_seq_set_data`` loads (the SWA cache ``cache`` holds cells
-    ``0..n-1``, those below ``floor`` masked zeros); ``parsed`` is its parse; :meth:`compact`
-    gives the blob without the padding (the form the store splits into blocks).
+    ``0..n-1``, those below ``floor`` masked zeros); ``parsed`` is its parse. Its compact form
+    (``set_front(buf, parsed, cache, floor)``) is what the store splits into blocks.
     """
 
     __slots__ = ("buf", "parsed", "cache", "floor", "nbytes")
@@ -53,12 +54,8 @@ class LaidState:
         self.floor = floor
         self.nbytes = nbytes  # bytes of RAM it owns: its data pages, not the zero pages
 
-    def compact(self) -> np.ndarray:
-        """The state without the padding: a copy, the SWA cache from ``floor``."""
-        return seqstate.set_front(self.buf, self.parsed, self.cache, self.floor)
-
     def split_parts(self, block_tokens: int):
-        """:func:`state.split_parts` of :meth:`compact`, without making it (views of ``buf``)."""
+        """:func:`state.split_parts` of the compact form, without making it (views of ``buf``)."""
         return seqstate.split_parts(self.buf, block_tokens, self.parsed,
                                     start_at={self.cache: self.floor})
 
@@ -99,10 +96,11 @@ def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int
     except OSError as exc:  # out of address space or commit charge: this snapshot stays compact
         log.debug("no mapping for a laid-out snapshot (%s); keeping it compact", exc)
         return None
+    runs = _zero_runs(parsed, cache, floor)
     zero = 0
     try:
         mm.madvise(_MADV_NOHUGEPAGE)
-        for a, b in _zero_runs(parsed, cache, floor):
+        for a, b in runs:
             a, b = -(-a // page) * page, b // page * page
             if b > a:
                 mm.madvise(_MADV_POPULATE_READ, a, b - a)
@@ -120,9 +118,11 @@ def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int
     buf = np.frombuffer(mm, dtype=np.uint8)  # keeps the mapping alive; unmapped with the last view
     src = np.frombuffer(whole, dtype=np.uint8)
     at = 0
-    for a, b in _zero_runs(parsed, cache, floor):
+    for a, b in runs:
         buf[at:a] = src[at:a]
         at = b
     buf[at:] = src[at:]
     buf[4:8] = np.frombuffer(np.int32(seq_id).tobytes(), np.uint8)
-    return LaidState(buf, seqstate.parse(buf), cache, floor, -(-size // page) * page - zero)
+    # the same layout byte for byte but the header's seq id: the dump's parse describes it
+    return LaidState(buf, dataclasses.replace(parsed, seq_id=seq_id), cache, floor,
+                     -(-size // page) * page - zero)
