@@ -8,7 +8,8 @@
 from .config import MemoryConfig, parse_size
 from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
                      MemoryClosed, NotALlama, RestoreFailed, TurnInProgress, UnknownAgent)
-from .memory import AgentInfo, AgentMemory, MemoryStats, TurnRecord
+from .memory import AgentMemory
+from .stats import AgentInfo, MemoryStats, TurnRecord
 
 __version__ = "0.1.0"
 

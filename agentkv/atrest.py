@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import ConfigError
-from .state import LazyPiece, Piece, Shape, piece_regions
+from .pieces import LazyPiece, Piece, Shape, piece_regions
 
 __all__ = ["CODES", "code_of", "to_rest", "from_rest", "RestPiece"]
 
@@ -54,7 +54,7 @@ def to_rest(shape: Shape, piece: Piece, code: int) -> Piece:
 
 
 class RestPiece(LazyPiece):
-    """A piece still in its at-rest form, its sizes checked: :func:`~agentkv.state.assemble`
+    """A piece still in its at-rest form, its sizes checked: :func:`~agentkv.pieces.assemble`
     decodes it straight into its places in the blob (no float16 copy of its own).
 
     ``data`` is ``(src, fmt, runs)``: the at-rest bytes, the format, and per K/V region the

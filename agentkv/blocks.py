@@ -3,7 +3,7 @@
 An agent's KV is stored as immutable blocks plus a small tail:
 
 - a **block** is one cache's cells for ``block_tokens`` positions ``j*B .. (j+1)*B-1``
-  (a :class:`~agentkv.state.Piece`), named by the xxh3-128 digest of its payload, so equal
+  (a :class:`~agentkv.pieces.Piece`), named by the xxh3-128 digest of its payload, so equal
   bytes are stored once whoever wrote them;
 - its **chain key** ``key(j) = xxh3_128(key(j-1) | tokens of block j)``, with
   ``key(-1) = fingerprint``, names the token prefix it belongs to: two blocks have the same
@@ -43,7 +43,7 @@ import numpy as np
 import xxhash
 
 from .errors import CorruptEntry, FingerprintMismatch
-from .state import FilePiece, Piece, Shape
+from .pieces import FilePiece, Piece, Shape
 
 __all__ = ["chain_keys", "BlockPayload", "seal_block", "encode_block", "decode_block",
            "open_block", "Tail", "encode_tail", "decode_tail", "Record", "blocks_digest"]
@@ -174,7 +174,7 @@ def _block_fields(view: Any, size: int, fingerprint: bytes, key: Optional[str], 
 
 def open_block(f: Any, fingerprint: bytes, key: str, chain: bytes, cache: int, pos0: int,
                count: int, rest: int = 0) -> FilePiece:
-    """A stored block, still in its open file ``f``, as a :class:`~agentkv.state.FilePiece`:
+    """A stored block, still in its open file ``f``, as a :class:`~agentkv.pieces.FilePiece`:
     its header is checked now, its digest once assembly has read its bytes into place."""
     fd = f.fileno()
     if hasattr(os, "posix_fadvise"):  # a restore opens all its blocks first: from a cold disk

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import state as seqstate
+from . import pieces as seqpieces
 from .errors import AgentKVError
 from .snapshot import check_state
 from .store import DiskStore
@@ -58,7 +58,7 @@ def _verify(args: argparse.Namespace) -> int:
                 if snap is None:
                     status = "missing"
                 else:  # assembled and parsed as llama.cpp will read it
-                    check_state(seqstate.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
+                    check_state(seqpieces.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
                     status = f"ok ({snap.n_tokens} tokens, {nread} bytes read)"
             except (AgentKVError, OSError) as exc:
                 status = f"DAMAGED: {exc}"

@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard depe
     raise ImportError("agentkv needs llama-cpp-python (pip install llama-cpp-python)") from exc
 
 from . import state as seqstate
+from . import pieces as seqpieces
 from .errors import CorruptEntry, NotALlama, RestoreFailed
 from .laid import LaidState, lay_out
 from .snapshot import Parts, Snapshot, check_state
@@ -259,7 +260,7 @@ class Engine:
                 and all(p.cells_len == 12 * p.count for p in swa)):
             front = {last: 0}
         try:
-            blob = seqstate.assemble(shape, pieces, front, out=self._assembly_buffer,
+            blob = seqpieces.assemble(shape, pieces, front, out=self._assembly_buffer,
                                      written=self._asm_dirty)
         except ValueError as exc:
             raise CorruptEntry(f"stored pieces do not assemble: {exc}") from exc

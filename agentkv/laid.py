@@ -26,6 +26,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from . import state as seqstate
+from . import pieces as seqpieces
 
 __all__ = ["LaidState", "lay_out"]
 
@@ -55,8 +56,8 @@ class LaidState:
         self.nbytes = nbytes  # bytes of RAM it owns: its data pages, not the zero pages
 
     def split_parts(self, block_tokens: int):
-        """:func:`state.split_parts` of the compact form, without making it (views of ``buf``)."""
-        return seqstate.split_parts(self.buf, block_tokens, self.parsed,
+        """:func:`pieces.split_parts` of the compact form, without making it (views of ``buf``)."""
+        return seqpieces.split_parts(self.buf, block_tokens, self.parsed,
                                     start_at={self.cache: self.floor})
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from . import state as seqstate
+from . import pieces as seqpieces
 from .errors import CorruptEntry
 from .laid import LaidState
 
@@ -27,8 +28,8 @@ class Parts:
     """A state as read from disk: its shape and its pieces in position order, checked and
     not yet assembled (the engine assembles it in the layout it restores)."""
 
-    shape: seqstate.Shape
-    pieces: Tuple[seqstate.Piece, ...]
+    shape: seqpieces.Shape
+    pieces: Tuple[seqpieces.Piece, ...]
 
     @property
     def nbytes(self) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -41,68 +40,18 @@ import numpy as np
 import xxhash
 
 from . import state as seqstate
+from . import pieces as seqpieces
 from .blocks import (BlockPayload, Record, Tail, blocks_digest, chain_keys, decode_block,
                      decode_tail, encode_tail, open_block, seal_block)
 from .atrest import from_rest, to_rest
+from .diskio import Arena, SafeDisk, StoreLock
 from .errors import CorruptEntry, FingerprintMismatch
 from .laid import LaidState
 from .snapshot import Parts, Snapshot
 
-__all__ = ["DiskStore", "SafeDisk", "agent_key"]
+__all__ = ["DiskStore", "agent_key"]
 
 log = logging.getLogger(__name__)
-
-_LOCK_KEY = "lock/store"
-_LOCK_EXPIRE = 30.0  # seconds; a holder killed mid-write frees the lock after this
-_LOCK_TIMEOUT = 120.0
-
-
-class SafeDisk(diskcache.Disk):
-    """A diskcache ``Disk`` that stores and returns raw bytes only, never pickles."""
-
-    def get(self, key, raw):  # type: ignore[override]
-        if not raw:
-            raise CorruptEntry("cache index holds a pickled key; refusing to unpickle it")
-        return super().get(key, raw)
-
-    def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[override]
-        if type(value) is not bytes:
-            raise TypeError(f"SafeDisk stores bytes only, not {type(value).__name__}")
-        return super().store(value, read, key)
-
-    def fetch(self, mode, filename, value, read):  # type: ignore[override]
-        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):
-            raise CorruptEntry(f"cache row has mode {mode}; only raw bytes are read back")
-        result = super().fetch(mode, filename, value, read)
-        if not read and not isinstance(result, bytes):
-            raise CorruptEntry(f"cache row holds {type(result).__name__}, not bytes")
-        return result
-
-
-class _Arena:
-    """A read buffer reused from one restore to the next: payloads read into it cost no page
-    faults (a fresh 20 MB buffer takes ~5k of them). Views handed out stay valid until
-    :meth:`reset`; a read that does not fit goes to a buffer of its own, and the next reset
-    grows the arena to what the last round needed."""
-
-    def __init__(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
-        self._used = 0
-        self._wanted = 0
-
-    def reset(self) -> None:
-        if self._wanted > self._buf.nbytes:
-            self._buf = np.empty(self._wanted + (self._wanted >> 4), dtype=np.uint8)
-        self._used = self._wanted = 0
-
-    def take(self, nbytes: int) -> np.ndarray:
-        self._wanted += nbytes
-        if self._used + nbytes > self._buf.nbytes:
-            return np.empty(nbytes, dtype=np.uint8)
-        view = self._buf[self._used:self._used + nbytes]
-        self._used += nbytes
-        return view
-
 
 def agent_key(agent_id: str) -> str:
     return "agent/" + xxhash.xxh3_128_hexdigest(agent_id.encode("utf-8", "surrogatepass"))
@@ -133,12 +82,13 @@ class DiskStore:
             str(directory), disk=SafeDisk, eviction_policy="none", size_limit=1 << 62,
             cull_limit=0, statistics=False, tag_index=False)
         self._lock = threading.RLock()
+        self._write_lock = StoreLock(self._cache, str(directory))  # across processes
         self._records: "OrderedDict[str, Record]" = OrderedDict()  # record key -> record, LRU first
         self._refs: Dict[str, int] = {}  # payload key -> records holding it
         self._sizes: Dict[str, int] = {}  # payload key -> bytes
         self._bytes = 0
         self._seen_len = -1
-        self._arena = _Arena()  # scratch reads (one restore at a time: AgentMemory's turn)
+        self._arena = Arena()  # scratch reads (one restore at a time: AgentMemory's turn)
         with self._lock:
             self._refresh(force=True)
 
@@ -223,48 +173,6 @@ class DiskStore:
                 freed.append(k)
         return freed
 
-    # -- the cross-process write lock -----------------------------------------------------
-
-    def _acquire(self) -> bytes:
-        token = f"{os.getpid()}:{socket.gethostname()}:{os.urandom(8).hex()}".encode()
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while not self._cache.add(_LOCK_KEY, token, expire=_LOCK_EXPIRE):
-            self._break_dead_lock()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the store lock of {self.directory} was not freed in "
-                                   f"{_LOCK_TIMEOUT:.0f} s")
-            time.sleep(0.002)
-        return token
-
-    def _break_dead_lock(self) -> None:
-        """Free the lock of a holder on this host that no longer runs (killed mid-write)."""
-        held = self._cache.get(_LOCK_KEY)
-        if held is None:
-            return
-        try:
-            pid_s, host, _ = held.decode().split(":", 2)
-            pid = int(pid_s)
-        except (UnicodeDecodeError, ValueError):
-            return
-        if host != socket.gethostname() or pid == os.getpid():
-            return
-        try:
-            os.kill(pid, 0)
-            return  # alive (or not ours to signal): wait for it
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return
-        with self._cache.transact():
-            if self._cache.get(_LOCK_KEY) == held:
-                log.warning("freeing the store lock of process %d, which is gone", pid)
-                self._cache.delete(_LOCK_KEY)
-
-    def _release(self, token: bytes) -> None:
-        with self._cache.transact():
-            if self._cache.get(_LOCK_KEY) == token:
-                self._cache.delete(_LOCK_KEY)
-
     def _collect(self, candidates: Iterable[str]) -> None:
         """Delete the candidate payloads unless a record on disk still holds them.
         Call with the cross-process write lock held."""
@@ -318,7 +226,7 @@ class DiskStore:
             shape, pieces = snap.state.split_parts(B)
         else:
             parsed = seqstate.parse(snap.state)
-            shape, pieces = seqstate.split_parts(snap.state, B, parsed)
+            shape, pieces = seqpieces.split_parts(snap.state, B, parsed)
         chain = chain_keys(fingerprint, snap.tokens, B)
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
         first: List[int] = [0] * len(parsed.caches)
@@ -400,8 +308,7 @@ class DiskStore:
                    tail="kv/" + tail_key, shape=shape.to_json())
         r.last_used = now
         key = agent_key(agent_id)
-        token = self._acquire()
-        try:
+        with self._write_lock.held():
             sizes: Dict[str, int] = {}
             written = self._write_blocks(blocks, sizes, pause)
             sizes[r.tail] = len(tail_payload)
@@ -409,8 +316,6 @@ class DiskStore:
                 self._cache.set(r.tail, tail_payload)
                 written += len(tail_payload)
             self._commit(key, r, sizes, keep=key)
-        finally:
-            self._release(token)
         return r, written
 
     def put_cut(self, snap: Snapshot, fingerprint: bytes,
@@ -427,36 +332,29 @@ class DiskStore:
                    fingerprint.hex(), now, shape=shape.to_json())
         r.last_used = now
         key = "cut/" + r.name
-        token = self._acquire()
-        try:
+        with self._write_lock.held():
             sizes: Dict[str, int] = {}
             written = self._write_blocks(blocks, sizes, pause)
             self._commit(key, r, sizes, keep=key)
-        finally:
-            self._release(token)
         return written
 
     def drop(self, agent_id: str) -> bool:
         """Remove the agent's manifest; its payloads go unless another record holds them.
         True if it was stored."""
         key = agent_key(agent_id)
-        token = self._acquire()
-        try:
+        with self._write_lock.held():
             with self._lock:
                 known = key in self._records or key in self._cache
                 self._cache.delete(key)
                 freed = self._index_remove(key)
             self._collect(freed)
             self._seen_len = len(self._cache)
-        finally:
-            self._release(token)
         return known
 
     def collect(self) -> int:
         """Delete every payload no record on disk holds (orphans of killed writers included);
         return how many went."""
-        token = self._acquire()
-        try:
+        with self._write_lock.held():
             with self._lock:
                 self._refresh(force=True)
             held: Set[str] = set()
@@ -468,8 +366,6 @@ class DiskStore:
                     self._cache.delete(key)
                     gone += 1
             return gone
-        finally:
-            self._release(token)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -480,7 +376,7 @@ class DiskStore:
             raise CorruptEntry(f"payload {key} is missing")
         return f.getvalue() if isinstance(f, io.BytesIO) else f
 
-    def _read(self, key: str, into: Optional[_Arena] = None):
+    def _read(self, key: str, into: Optional[Arena] = None):
         """A payload's bytes; with ``into``, read straight into that arena (no copy)."""
         if into is None:
             payload = self._cache.get(key)
@@ -497,16 +393,16 @@ class DiskStore:
                 raise CorruptEntry(f"payload {key} changed size while it was read")
         return view
 
-    def _load_blocks(self, r: Record, shape: seqstate.Shape, fingerprint: bytes,
-                     chain: List[bytes], upto: int, swa_from: int, into: Optional[_Arena] = None
-                     ) -> Tuple[List[seqstate.Piece], int]:
+    def _load_blocks(self, r: Record, shape: seqpieces.Shape, fingerprint: bytes,
+                     chain: List[bytes], upto: int, swa_from: int, into: Optional[Arena] = None
+                     ) -> Tuple[List[seqpieces.Piece], int]:
         """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``).
 
         With ``into`` (a restore's scratch read) and exact rows, blocks come back as
         FilePieces: assembly reads them straight into place and checks their digests then.
         """
         B = r.block_tokens
-        pieces: List[seqstate.Piece] = []
+        pieces: List[seqpieces.Piece] = []
         nread = 0
         for c, keys in enumerate(r.blocks):
             lo = 0 if c == 0 else max(r.first[c], swa_from)
@@ -631,7 +527,7 @@ class DiskStore:
             return None, 0
         B = r.block_tokens
         C = j * B
-        shape = seqstate.Shape.from_json(r.shape)
+        shape = seqpieces.Shape.from_json(r.shape)
         need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
         into = self._arena if scratch else None
         if into is not None:

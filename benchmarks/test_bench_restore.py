@@ -137,11 +137,11 @@ def test_transcode_decode(benchmark, fmt):
 def test_block_assembly(benchmark, bench_llm, context, n):
     """Blocks -> one sequence state: the state of n tokens split into 256-token blocks, then
     assembled back (what a restore from disk does after reading the blocks)."""
-    from agentkv import state as seqstate
+    from agentkv import pieces as seqpieces
     bu.clear_kv(bench_llm)
     bench_llm.eval(context(n))
     blob = bu.seq_state(bench_llm)
-    shape, pieces = seqstate.split(blob, 256)
+    shape, pieces = seqpieces.split(blob, 256)
     benchmark.extra_info.update(tokens=n, pieces=len(pieces))
-    out = benchmark(seqstate.assemble, shape, pieces)
+    out = benchmark(seqpieces.assemble, shape, pieces)
     assert bytes(out) == bytes(blob)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agentkv import AgentMemory, ConfigError
-from agentkv import state as seqstate
+from agentkv import pieces as seqpieces
 from agentkv.atrest import RestPiece
 from conftest import last_logits
 
@@ -83,8 +83,8 @@ def test_restore_decodes_in_place_to_the_same_state(llm, tmp_path):
         mem.create_completion("a", PROMPT, max_tokens=1, temperature=0)
         mem.flush()
         plain, _ = mem._store.get("a", mem._fingerprint)
-        want = bytes(seqstate.assemble(plain.state.shape, plain.state.pieces))
+        want = bytes(seqpieces.assemble(plain.state.shape, plain.state.pieces))
         lazy, _ = mem._store.get("a", mem._fingerprint, scratch=True)
         assert any(isinstance(p, RestPiece) for p in lazy.state.pieces)
         assert not any(isinstance(p, RestPiece) for p in plain.state.pieces)
-        assert bytes(seqstate.assemble(lazy.state.shape, lazy.state.pieces)) == want
+        assert bytes(seqpieces.assemble(lazy.state.shape, lazy.state.pieces)) == want

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agentkv import CorruptEntry, FingerprintMismatch
 from agentkv import state as seqstate
+from agentkv import pieces as seqpieces
 from agentkv.blocks import (Record, Tail, chain_keys, decode_block, decode_tail, encode_block,
                             encode_tail, blocks_digest)
 from blobgen import blobs
@@ -20,9 +21,9 @@ FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=list(Heal
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(blob=blobs(), block_tokens=st.integers(1, 64))
 def test_assemble_of_split_is_the_blob(blob, block_tokens):
-    shape, pieces = seqstate.split(blob, block_tokens)
-    assert bytes(seqstate.assemble(shape, pieces)) == blob
-    assert seqstate.Shape.from_json(shape.to_json()) == shape
+    shape, pieces = seqpieces.split(blob, block_tokens)
+    assert bytes(seqpieces.assemble(shape, pieces)) == blob
+    assert seqpieces.Shape.from_json(shape.to_json()) == shape
     for prev, p in zip(pieces, pieces[1:]):  # inside a stream, pieces start on block bounds
         if (prev.cache, prev.stream) == (p.cache, p.stream):
             assert p.pos0 % block_tokens == 0 and prev.pos0 + prev.count <= p.pos0
@@ -31,7 +32,7 @@ def test_assemble_of_split_is_the_blob(blob, block_tokens):
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(blob=blobs(), block_tokens=st.integers(1, 16))
 def test_block_and_tail_codecs_round_trip(blob, block_tokens):
-    shape, pieces = seqstate.split(blob, block_tokens)
+    shape, pieces = seqpieces.split(blob, block_tokens)
     tokens = np.arange(64, dtype=np.int32)
     chain = chain_keys(FP, tokens, 4)
     back = []
@@ -42,14 +43,14 @@ def test_block_and_tail_codecs_round_trip(blob, block_tokens):
         back.append(q)
     payload, key = encode_tail(Tail(tokens, np.ones(7, np.float32), shape, back, blocks_digest([0], [['blk/x']])), FP)
     tail = decode_tail(payload, FP, key)
-    assert bytes(seqstate.assemble(tail.shape, tail.pieces)) == blob
+    assert bytes(seqpieces.assemble(tail.shape, tail.pieces)) == blob
     assert tail.digest == blocks_digest([0], [['blk/x']]) and np.array_equal(tail.tokens, tokens)
     with pytest.raises(FingerprintMismatch):
         decode_tail(payload, bytes(16))
 
 
 def test_block_is_bound_to_its_prefix_and_place():
-    piece = seqstate.Piece(0, 0, 64, 32, 32 * 12, np.zeros(32 * 12 + 32 * 64, np.uint8))
+    piece = seqpieces.Piece(0, 0, 64, 32, 32 * 12, np.zeros(32 * 12 + 32 * 64, np.uint8))
     chain = chain_keys(FP, np.arange(128, dtype=np.int32), 32)
     payload, key = encode_block(piece, chain[2], FP)
     decode_block(payload, FP, key, chain[2], 0, 64, 32)
@@ -97,13 +98,13 @@ def test_fuzz_parser_raises_only_corrupt_entry(blob, data):
 @FUZZ
 @given(blob=blobs(max_cells=8), data=st.data())
 def test_fuzz_tail_and_block_readers(blob, data):
-    shape, pieces = seqstate.split(blob, 4)
+    shape, pieces = seqpieces.split(blob, 4)
     tail, tkey = encode_tail(Tail(np.arange(9, dtype=np.int32), None, shape, pieces,
                                   blocks_digest([0], [[]])), FP)
     bad = _mutate(data, tail)
     try:
         t = decode_tail(bad, FP)  # no key: only the digest guards it
-        seqstate.assemble(t.shape, t.pieces)
+        seqpieces.assemble(t.shape, t.pieces)
     except CorruptEntry:
         pass
     if not pieces:

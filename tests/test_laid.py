@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from agentkv import state as seqstate
+from agentkv import pieces as seqpieces
 from agentkv.engine import Engine
 from agentkv import laid as laidmod
 from agentkv.laid import LaidState, _zero_runs
@@ -63,7 +64,7 @@ def test_laid_state_is_what_a_restore_loads_and_splits_as_the_compact_one(snaps)
             assert np.array_equal(x.pos, y.pos)
     assert bytes(seqstate.set_front(st.buf, st.parsed, st.cache, st.floor)) == bytes(compact.state)
     shape_a, parts_a = laid.state.split_parts(64)
-    shape_b, parts_b = seqstate.split_parts(compact.state, 64)
+    shape_b, parts_b = seqpieces.split_parts(compact.state, 64)
     assert shape_a == shape_b
     assert [(p.cache, p.stream, p.pos0, p.count, p.cells_len) for p in parts_a] == \
            [(p.cache, p.stream, p.pos0, p.count, p.cells_len) for p in parts_b]
@@ -92,13 +93,13 @@ def test_split_parts_start_at_matches_set_front(snaps, start):
     parsed = seqstate.parse(loaded)
     swa = parsed.caches[1].only_stream()
     p = swa.pos_max - 700 + start
-    want_shape, want = seqstate.split(seqstate.set_front(loaded, parsed, 1, p), 64)
-    shape, got = seqstate.split_parts(loaded, 64, parsed, start_at={1: p})
+    want_shape, want = seqpieces.split(seqstate.set_front(loaded, parsed, 1, p), 64)
+    shape, got = seqpieces.split_parts(loaded, 64, parsed, start_at={1: p})
     assert shape == want_shape
     assert [(q.cache, q.pos0, q.count, bytes(q.piece().data)) for q in got] == \
            [(q.cache, q.pos0, q.count, bytes(q.data)) for q in want]
     with pytest.raises(ValueError, match="cannot start"):
-        seqstate.split_parts(loaded, 64, parsed, start_at={1: swa.pos_max + 1})
+        seqpieces.split_parts(loaded, 64, parsed, start_at={1: swa.pos_max + 1})
 
 
 def test_lay_out_rebuilds_the_snapshot_and_falls_back_where_the_kernel_cannot(snaps, monkeypatch):

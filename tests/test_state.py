@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agentkv import CorruptEntry
 from agentkv import state as seqstate
+from agentkv import pieces as seqpieces
 from agentkv.engine import Engine
 from agentkv.snapshot import check_state
 from conftest import make_llm
@@ -74,8 +75,8 @@ def test_set_front_into_a_given_buffer_reports_what_it_wrote(blob):
 
 def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
     _, n, compact, mode, _ = blob
-    shape, pieces = seqstate.split(compact, 256)
-    check_padded_into_buffer(compact, n, mode, lambda out, written: seqstate.assemble(
+    shape, pieces = seqpieces.split(compact, 256)
+    check_padded_into_buffer(compact, n, mode, lambda out, written: seqpieces.assemble(
         shape, pieces, front={1: 0}, out=out, written=written))
 
 
@@ -83,10 +84,10 @@ def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
 def test_real_blobs_split_and_assemble_byte_for_byte(blob, block_tokens):
     raw, _, margin_blob, _, _ = blob
     for b in (raw, bytes(margin_blob)):
-        shape, pieces = seqstate.split(b, block_tokens)
-        assert bytes(seqstate.assemble(shape, pieces)) == b
+        shape, pieces = seqpieces.split(b, block_tokens)
+        assert bytes(seqpieces.assemble(shape, pieces)) == b
         # assembling with padding gives what set_front gives the assembled blob
-        padded = seqstate.assemble(shape, pieces, front={1: 0})
+        padded = seqpieces.assemble(shape, pieces, front={1: 0})
         assert bytes(padded) == bytes(seqstate.set_front(b, seqstate.parse(b), 1, 0))
 
 

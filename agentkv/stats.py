@@ -1,0 +1,85 @@
+"""What AgentMemory reports: the agents it holds, its counters, what the last turn did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+__all__ = ["SOURCES", "AgentInfo", "MemoryStats", "TurnRecord"]
+
+SOURCES = ("live", "ram", "disk", "prefix", "cold")
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent the memory holds.
+
+    Attributes:
+        agent_id: the id given by the caller.
+        n_tokens: tokens of context its KV covers.
+        tier: where its newest KV is: "live" (the context), "ram" or "disk".
+        nbytes: bytes its KV takes in that tier.
+        last_used: wall-clock time of its last turn (or of its last save, from disk).
+    """
+
+    agent_id: str
+    n_tokens: int
+    tier: str
+    nbytes: int
+    last_used: float
+
+
+@dataclass
+class MemoryStats:
+    """Counters since the AgentMemory was opened.
+
+    Attributes:
+        turns: turns run (calls and ``agent()`` blocks).
+        hits: turns counted by where the agent's KV came from:
+            "live", "ram", "disk", "prefix", "cold".
+        prompt_tokens_evaluated: prompt tokens the model evaluated.
+        prompt_tokens_restored: prompt tokens served from restored KV instead.
+        bytes_read: payload bytes read from disk.
+        bytes_written: payload bytes written to disk.
+        restore_seconds: time spent restoring (disk reads, checks, set_data).
+        save_seconds: time spent saving (snapshots and disk writes, background included).
+        rejected: stored entries refused (corrupt, truncated, foreign fingerprint).
+        ram_bytes: bytes of snapshots in the RAM tier now.
+        disk_bytes: bytes of payloads on disk now.
+        agents: agents the memory holds now.
+    """
+
+    turns: int = 0
+    hits: Dict[str, int] = field(default_factory=lambda: {s: 0 for s in SOURCES})
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_restored: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    restore_seconds: float = 0.0
+    save_seconds: float = 0.0
+    rejected: int = 0
+    ram_bytes: int = 0
+    disk_bytes: int = 0
+    agents: int = 0
+
+
+@dataclass
+class TurnRecord:
+    """What the last turn did, for benchmarks and demos.
+
+    Attributes:
+        agent_id: the agent.
+        source: where its KV came from (see MemoryStats.hits).
+        restore_seconds: time to bring its KV into the context.
+        save_seconds: time the turn waited on saving the agent it displaced.
+        prompt_tokens_evaluated: prompt tokens evaluated in this turn.
+        prompt_tokens_restored: prompt tokens this turn did not evaluate thanks to a restore.
+    """
+
+    agent_id: str
+    source: str
+    restore_seconds: float = 0.0
+    save_seconds: float = 0.0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_restored: int = 0
+    _generates: int = 0

@@ -1,0 +1,73 @@
+"""The store's footing: the cross-process write lock and the raw-bytes-only disk."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import diskcache
+import pytest
+
+from agentkv.diskio import SafeDisk, StoreLock
+from agentkv.errors import CorruptEntry
+
+
+def _cache(path):
+    return diskcache.Cache(str(path), disk=SafeDisk, eviction_policy="none")
+
+
+def _gone_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # reaped: no process has this pid now (barring reuse within the test)
+
+
+def test_a_lock_left_by_a_dead_process_on_this_host_is_freed_at_once(tmp_path):
+    with _cache(tmp_path) as cache:
+        stale = f"{_gone_pid()}:{socket.gethostname()}:dead".encode()
+        cache.add(StoreLock.KEY, stale, expire=30)
+        lock = StoreLock(cache, str(tmp_path), timeout=5.0)
+        with lock.held():
+            held = cache.get(StoreLock.KEY)
+            assert held != stale and held.startswith(f"{os.getpid()}:".encode())
+        assert cache.get(StoreLock.KEY) is None
+
+
+def test_a_live_holder_keeps_the_lock_until_the_timeout(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with _cache(tmp_path) as cache:
+            theirs = f"{holder.pid}:{socket.gethostname()}:alive".encode()
+            cache.add(StoreLock.KEY, theirs, expire=30)
+            lock = StoreLock(cache, str(tmp_path), timeout=0.2)
+            with pytest.raises(TimeoutError, match="store lock"):
+                with lock.held():
+                    pass
+            assert cache.get(StoreLock.KEY) == theirs  # not taken, not deleted
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_released_when_the_holder_raises(tmp_path):
+    with _cache(tmp_path) as cache:
+        lock = StoreLock(cache, str(tmp_path), timeout=1.0)
+        with pytest.raises(RuntimeError):
+            with lock.held():
+                raise RuntimeError("write failed")
+        assert cache.get(StoreLock.KEY) is None
+        with lock.held():  # and can be taken again
+            assert cache.get(StoreLock.KEY) is not None
+
+
+def test_safe_disk_stores_bytes_and_refuses_pickles(tmp_path):
+    with _cache(tmp_path) as cache:
+        cache.set("ok", b"\x00raw")
+        assert cache.get("ok") == b"\x00raw"
+        with pytest.raises(TypeError, match="bytes only"):
+            cache.set("bad", {"a": 1})
+    with diskcache.Cache(str(tmp_path / "plain")) as plain:  # another library's pickled row
+        plain.set("obj", {"a": 1})
+    with _cache(tmp_path / "plain") as cache:
+        with pytest.raises(CorruptEntry, match="only raw bytes"):
+            cache.get("obj")
