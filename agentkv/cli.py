@@ -2,7 +2,8 @@
 
     python -m agentkv ls CACHE_DIR        agents and shared prefixes, tokens and bytes
     python -m agentkv verify CACHE_DIR    read and check every stored state (exit 1 if damaged)
-    python -m agentkv gc CACHE_DIR        delete payloads no record holds (killed writers' leftovers)
+    python -m agentkv gc CACHE_DIR        delete payloads no record holds and files no row names
+                                         (killed writers' leftovers)
 
 ``verify`` checks what can be checked without the model: digests, chain keys, the assembled
 state's structure and digest. Whether a state fits a given model is the fingerprint's job,
@@ -75,7 +76,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _gc(args: argparse.Namespace) -> int:
     store = _store(args.cache_dir)
     try:
-        print(f"{store.collect()} unreferenced payloads deleted")
+        print(f"{store.collect()} unreferenced payloads deleted, "
+              f"{store.sweep()} stray files removed")
     finally:
         store.close()
     return 0

@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -366,6 +367,26 @@ class DiskStore:
                     self._cache.delete(key)
                     gone += 1
             return gone
+
+    def sweep(self) -> int:
+        """Remove the files of the cache folder no row names and the rows whose file is gone;
+        return how many files went.
+
+        diskcache writes a payload's file before it commits the row, and deletes a row before
+        its file, so a writer killed in between leaves a file no key reaches: :meth:`collect`
+        cannot see it. Every payload write holds the write lock, so under it every unnamed
+        file is such a leftover (diskcache's own consistency check finds them).
+        """
+        with self._write_lock.held():
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # check() records its findings as warnings
+                found = self._cache.check(fix=True)
+            with self._lock:
+                self._refresh(force=True)
+        gone = [w for w in found if issubclass(w.category, diskcache.UnknownFileWarning)]
+        for w in gone:
+            log.info("removed a stray cache file: %s", w.message)
+        return len(gone)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -214,3 +214,26 @@ def test_cli_lists_verifies_and_collects(llm, tmp_path):
     assert bad.returncode == 1 and "a: DAMAGED" in bad.stdout and "b: ok" in bad.stdout
     gc = subprocess.run(cli + ["gc", str(tmp_path)], capture_output=True, text=True, check=True)
     assert gc.stdout.startswith("0 unreferenced")
+
+
+def test_gc_removes_files_a_killed_writer_left_and_keeps_every_agent(llm, tmp_path):
+    """diskcache writes a payload's file before its row: a writer killed in between leaves a
+    file no key reaches. gc removes it (and only it); the agents still restore from disk."""
+    import subprocess
+    import sys
+    real = payload_file_of(tmp_path, save_two_agents(llm, tmp_path, "block"))
+    stray_dir = os.path.join(str(tmp_path), "ee", "ff")
+    os.makedirs(stray_dir, exist_ok=True)
+    stray = os.path.join(stray_dir, "0123456789abcdef0123456789ab.val")
+    with open(stray, "wb") as f:
+        f.write(os.urandom(70_000))
+    gc = subprocess.run([sys.executable, "-m", "agentkv", "gc", str(tmp_path)],
+                        capture_output=True, text=True, check=True)
+    assert gc.stdout.strip() == "0 unreferenced payloads deleted, 1 stray files removed"
+    assert not os.path.exists(stray) and os.path.exists(real)
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        for agent, prompt in (("a", PROMPT_A), ("b", PROMPT_B)):
+            mem.create_completion(agent, prompt, max_tokens=1, temperature=0)
+            assert mem.last_turn.source == "disk"
+        assert mem.stats().rejected == 0
+        assert mem._store.sweep() == 0
