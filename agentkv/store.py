@@ -295,6 +295,8 @@ class DiskStore:
         # Lossy at rest: no carried logits (they belong to the exact KV); a resume replays the
         # last token on the restored KV instead, and the state is 1 MB smaller (Gemma's vocab).
         logits = None if self.at_rest else snap.logits
+        if pause is not None:
+            pause()
         tail_payload, tail_key = encode_tail(
             Tail(snap.tokens, logits, shape, rest, digest), fingerprint, self.at_rest)
         total = len(tail_payload) + sum(p.nbytes for bs in blocks for _, p in bs)
@@ -314,6 +316,8 @@ class DiskStore:
             written = self._write_blocks(blocks, sizes, pause)
             sizes[r.tail] = len(tail_payload)
             if r.tail not in self._cache:
+                if pause is not None:
+                    pause()
                 self._cache.set(r.tail, tail_payload)
                 written += len(tail_payload)
             self._commit(key, r, sizes, keep=key)
