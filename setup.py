@@ -70,7 +70,7 @@ setup(
     package_data={"agentkv": ["py.typed"]},
     ext_modules=[CMakeLibrary("agentkv._agentkv_quant", target="agentkv_quant")],
     cmdclass={"build_ext": BuildNative},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         # The sequence-state format agentkv parses is llama.cpp's as vendored in this release;
         # the fingerprint records it. Widen only after the tests pass on the new version.

@@ -13,6 +13,14 @@ PY=${PYTHON:-python3}
 VENV=${AGENTKV_VENV:-.venv}
 LLAMA_CPP_VERSION=0.3.36
 
+# Python 3.10+: checked before the ~6 min build (the default model's package needs 3.10 too,
+# although it claims 3.9).
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "setup: agentkv needs Python 3.10 or newer; $PY is $("$PY" -V 2>&1 || echo missing)." \
+       "Set PYTHON=/path/to/python3.10+ and run again." >&2
+  exit 1
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip wheel
