@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, CorruptEntry
 from .pieces import LazyPiece, Piece, Shape, piece_regions
 
 __all__ = ["CODES", "code_of", "to_rest", "from_rest", "RestPiece"]
@@ -67,7 +67,6 @@ class RestPiece(LazyPiece):
 
     def read_into(self, views: List[memoryview]) -> None:
         from . import quant
-        from .errors import CorruptEntry
         src, fmt, runs = self.data
         if len(views) != 1 + len(runs) or memoryview(views[0]).nbytes != self.cells_len:
             raise CorruptEntry("at-rest piece regions do not match its shape")
@@ -90,7 +89,6 @@ def from_rest(shape: Shape, piece: Piece, code: int, lazy: bool = False) -> Piec
     if code == 0:
         return piece
     from . import quant
-    from .errors import CorruptEntry
     fmt = _NAMES[code]
     src = np.frombuffer(piece.data, dtype=np.uint8)
     regions = piece_regions(shape, piece)

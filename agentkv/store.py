@@ -58,6 +58,10 @@ def agent_key(agent_id: str) -> str:
     return "agent/" + xxhash.xxh3_128_hexdigest(agent_id.encode("utf-8", "surrogatepass"))
 
 
+def _go_on() -> None:
+    """The ``pause`` of a save nobody needs to interrupt."""
+
+
 def _record_key(r: Record) -> str:
     return agent_key(r.name) if r.kind == "agent" else "cut/" + r.name
 
@@ -218,7 +222,7 @@ class DiskStore:
     # -- writes ---------------------------------------------------------------------------
 
     def _blocks_of(self, snap: Snapshot, fingerprint: bytes, whole_only: bool,
-                   pause: Optional[Callable[[], None]] = None):
+                   pause: Callable[[], None]):
         """Split a snapshot: (chain, shape, first, blocks [(key, payload)] per cache, tail
         pieces). ``whole_only``: None unless the state is whole blocks only."""
         B = self.block_tokens
@@ -234,8 +238,7 @@ class DiskStore:
         blocks: List[List[Tuple[str, BlockPayload]]] = [[] for _ in parsed.caches]
         rest = []
         for p in pieces:
-            if pause is not None:
-                pause()
+            pause()
             j = p.pos0 // B
             whole = (splittable[p.cache] and p.pos0 % B == 0 and p.count == B and j < len(chain)
                      and (not blocks[p.cache] or first[p.cache] + len(blocks[p.cache]) == j))
@@ -253,14 +256,13 @@ class DiskStore:
         return chain, shape, first, blocks, rest
 
     def _write_blocks(self, blocks: List[List[Tuple[str, BlockPayload]]], sizes: Dict[str, int],
-                      pause: Optional[Callable[[], None]]) -> int:
+                      pause: Callable[[], None]) -> int:
         written = 0
         for per_cache in blocks:
             for key, payload in per_cache:
                 sizes[key] = payload.nbytes
                 if key not in self._cache:
-                    if pause is not None:
-                        pause()
+                    pause()
                     self._cache.set(key, bytes(payload))
                     written += payload.nbytes
         return written
@@ -288,15 +290,13 @@ class DiskStore:
         state alone exceeds the budget (logged). ``pause`` is called before each step of
         work, so that a background writer can give way to the foreground.
         """
-        if pause is not None:
-            pause()
+        pause = pause or _go_on
         chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, False, pause)
         digest = blocks_digest(first, [[k for k, _ in bs] for bs in blocks])
         # Lossy at rest: no carried logits (they belong to the exact KV); a resume replays the
         # last token on the restored KV instead, and the state is 1 MB smaller (Gemma's vocab).
         logits = None if self.at_rest else snap.logits
-        if pause is not None:
-            pause()
+        pause()
         tail_payload, tail_key = encode_tail(
             Tail(snap.tokens, logits, shape, rest, digest), fingerprint, self.at_rest)
         total = len(tail_payload) + sum(p.nbytes for bs in blocks for _, p in bs)
@@ -316,8 +316,7 @@ class DiskStore:
             written = self._write_blocks(blocks, sizes, pause)
             sizes[r.tail] = len(tail_payload)
             if r.tail not in self._cache:
-                if pause is not None:
-                    pause()
+                pause()
                 self._cache.set(r.tail, tail_payload)
                 written += len(tail_payload)
             self._commit(key, r, sizes, keep=key)
@@ -326,6 +325,7 @@ class DiskStore:
     def put_cut(self, snap: Snapshot, fingerprint: bytes,
                 pause: Optional[Callable[[], None]] = None) -> int:
         """Store a shared prefix (whole blocks only, SWA window included); bytes written."""
+        pause = pause or _go_on
         split = self._blocks_of(snap, fingerprint, whole_only=True, pause=pause)
         if split is None or not split[0]:
             log.debug("cut at %d tokens is not whole blocks; not stored", snap.n_tokens)
