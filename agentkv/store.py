@@ -32,7 +32,6 @@ import os
 import threading
 import time
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -48,6 +47,7 @@ from .atrest import from_rest, to_rest
 from .diskio import Arena, SafeDisk, StoreLock
 from .errors import CorruptEntry, FingerprintMismatch
 from .laid import LaidState
+from .recindex import RecordIndex
 from .snapshot import Parts, Snapshot
 
 __all__ = ["DiskStore", "agent_key"]
@@ -88,10 +88,7 @@ class DiskStore:
             cull_limit=0, statistics=False, tag_index=False)
         self._lock = threading.RLock()
         self._write_lock = StoreLock(self._cache, str(directory))  # across processes
-        self._records: "OrderedDict[str, Record]" = OrderedDict()  # record key -> record, LRU first
-        self._refs: Dict[str, int] = {}  # payload key -> records holding it
-        self._sizes: Dict[str, int] = {}  # payload key -> bytes
-        self._bytes = 0
+        self._index = RecordIndex()  # records on disk and the payloads they hold
         self._seen_len = -1
         self._arena = Arena()  # scratch reads (one restore at a time: AgentMemory's turn)
         with self._lock:
@@ -124,65 +121,33 @@ class DiskStore:
         if not force and n == self._seen_len:
             return
         on_disk = self._scan()
-        for key in [k for k in self._records if k not in on_disk]:
-            self._index_remove(key)
+        for key in [k for k in self._index.records if k not in on_disk]:
+            self._index.remove(key)
         for key, r in sorted(on_disk.items(), key=lambda kv: kv[1].saved_at):
-            old = self._records.get(key)
+            old = self._index.records.get(key)
             if old is None or old.to_bytes() != r.to_bytes():
                 if old is not None:
                     r.last_used = max(r.last_used, old.last_used)
-                    self._index_remove(key)
-                self._index_add(key, r)
+                    self._index.remove(key)
+                self._index.add(key, r, self._payload_size)
         self._seen_len = len(self._cache)
 
-    def _size_of(self, key: str) -> int:
-        size = self._sizes.get(key)
-        if size is None:
-            try:
-                handle = self._cache.get(key, read=True)
-            except CorruptEntry:
-                handle = None
-            if handle is None:
-                return 0
-            try:
-                if isinstance(handle, bytes):
-                    size = len(handle)
-                else:
-                    size = os.fstat(handle.fileno()).st_size
-            finally:
-                if not isinstance(handle, bytes):
-                    handle.close()
-        return size
-
-    def _index_add(self, key: str, r: Record, sizes: Optional[Dict[str, int]] = None) -> None:
-        self._records[key] = r
-        self._records.move_to_end(key)
-        for k in r.keys():
-            if self._refs.get(k, 0) == 0:
-                size = (sizes or {}).get(k)
-                self._sizes[k] = self._size_of(k) if size is None else size
-                self._bytes += self._sizes[k]
-            self._refs[k] = self._refs.get(k, 0) + 1
-
-    def _index_remove(self, key: str) -> List[str]:
-        """Drop a record from the index; return the payload keys nothing else holds now."""
-        r = self._records.pop(key, None)
-        if r is None:
-            return []
-        freed = []
-        for k in r.keys():
-            self._refs[k] -= 1
-            if self._refs[k] == 0:
-                del self._refs[k]
-                self._bytes -= self._sizes.pop(k, 0)
-                freed.append(k)
-        return freed
+    def _payload_size(self, key: str) -> int:
+        """Bytes of a stored payload (0 if it is missing or unreadable)."""
+        try:
+            f = self._open(key)
+        except CorruptEntry:
+            return 0
+        if isinstance(f, bytes):
+            return len(f)
+        with f:
+            return os.fstat(f.fileno()).st_size
 
     def _collect(self, candidates: Iterable[str]) -> None:
         """Delete the candidate payloads unless a record on disk still holds them.
         Call with the cross-process write lock held."""
         with self._lock:
-            candidates = [k for k in candidates if k not in self._refs]
+            candidates = [k for k in candidates if not self._index.holds(k)]
         if not candidates:
             return
         held: Set[str] = set()
@@ -197,27 +162,27 @@ class DiskStore:
     @property
     def nbytes(self) -> int:
         """Bytes of payloads the indexed records hold (the quantity the budget bounds)."""
-        return self._bytes
+        return self._index.nbytes
 
     def agents(self) -> List[Tuple[Record, int]]:
         """Agent manifests with the bytes each one's state takes on disk."""
         with self._lock:
-            return [(r, sum(self._sizes.get(k, 0) for k in r.keys()))
-                    for r in self._records.values() if r.kind == "agent"]
+            return [(r, self._index.bytes_of(r))
+                    for r in self._index.records.values() if r.kind == "agent"]
 
     def has_agent(self, agent_id: str) -> bool:
         with self._lock:
-            return agent_key(agent_id) in self._records
+            return agent_key(agent_id) in self._index.records
 
     def manifest(self, agent_id: str) -> Optional[Record]:
         """The agent's manifest as indexed (None if not stored)."""
         with self._lock:
-            return self._records.get(agent_key(agent_id))
+            return self._index.records.get(agent_key(agent_id))
 
     def cuts(self) -> List[Record]:
         """The shared prefixes stored."""
         with self._lock:
-            return [r for r in self._records.values() if r.kind == "cut"]
+            return [r for r in self._index.records.values() if r.kind == "cut"]
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -272,13 +237,13 @@ class DiskStore:
         Call with the cross-process write lock held; readers only wait for the index swap."""
         self._cache.set(key, r.to_bytes())
         with self._lock:
-            freed = self._index_remove(key)
-            self._index_add(key, r, sizes)
-            while self._bytes > self.budget and len(self._records) > 1:
-                victim = next(k for k in self._records if k != keep)
-                log.info("disk budget: dropping %s (%d bytes held)", victim, self._bytes)
+            freed = self._index.remove(key)
+            self._index.add(key, r, lambda k: sizes[k] if k in sizes else self._payload_size(k))
+            while self._index.nbytes > self.budget and len(self._index.records) > 1:
+                victim = next(k for k in self._index.records if k != keep)
+                log.info("disk budget: dropping %s (%d bytes held)", victim, self._index.nbytes)
                 self._cache.delete(victim)
-                freed += self._index_remove(victim)
+                freed += self._index.remove(victim)
         self._collect(freed)
         self._seen_len = len(self._cache)
 
@@ -349,9 +314,9 @@ class DiskStore:
         key = agent_key(agent_id)
         with self._write_lock.held():
             with self._lock:
-                known = key in self._records or key in self._cache
+                known = key in self._index.records or key in self._cache
                 self._cache.delete(key)
-                freed = self._index_remove(key)
+                freed = self._index.remove(key)
             self._collect(freed)
             self._seen_len = len(self._cache)
         return known
@@ -465,7 +430,7 @@ class DiskStore:
             raw = self._cache.get(key)
             if raw is None:
                 with self._lock:
-                    self._index_remove(key)
+                    self._index.remove(key)
                 return None, 0
             r = Record.from_bytes(raw)
             if r.kind != "agent" or r.name != agent_id:
@@ -499,10 +464,10 @@ class DiskStore:
 
     def _touch(self, key: str) -> None:
         with self._lock:
-            r = self._records.get(key)
+            r = self._index.records.get(key)
             if r is not None:
                 r.last_used = time.time()
-                self._records.move_to_end(key)
+                self._index.touch(key)
 
     # -- shared prefixes ------------------------------------------------------------------
 
@@ -528,7 +493,7 @@ class DiskStore:
         fp = fingerprint.hex()
         with self._lock:
             self._refresh()
-            for r in reversed(list(self._records.values())):  # most recently used first
+            for r in reversed(list(self._index.records.values())):  # most recently used first
                 if r.fingerprint != fp or r.block_tokens != B or not r.chain:
                     continue
                 k = 0

@@ -71,3 +71,32 @@ def test_safe_disk_stores_bytes_and_refuses_pickles(tmp_path):
     with _cache(tmp_path / "plain") as cache:
         with pytest.raises(CorruptEntry, match="only raw bytes"):
             cache.get("obj")
+
+
+def test_record_index_counts_a_shared_payload_once_and_frees_it_with_its_last_holder():
+    from agentkv.blocks import Record
+    from agentkv.recindex import RecordIndex
+    sizes = {"blk/shared": 100, "blk/a": 10, "kv/a": 1, "blk/b": 20, "kv/b": 2}
+    asked = []
+
+    def size_of(k):
+        asked.append(k)
+        return sizes[k]
+
+    def rec(name, own):
+        return Record("agent", name, 512, 256, ["c0", "c1"], [0], [["blk/shared", own]], "fp", 0.0,
+                      tail="kv/" + name)
+
+    index = RecordIndex()
+    index.add("agent/a", rec("a", "blk/a"), size_of)
+    index.add("agent/b", rec("b", "blk/b"), size_of)
+    assert index.nbytes == 100 + 10 + 1 + 20 + 2
+    assert asked.count("blk/shared") == 1  # sized once, when its first holder came
+    assert index.bytes_of(index.records["agent/a"]) == 111
+    assert list(index.records) == ["agent/a", "agent/b"]
+    index.touch("agent/a")
+    assert list(index.records) == ["agent/b", "agent/a"]  # least recently used first
+    assert sorted(index.remove("agent/a")) == ["blk/a", "kv/a"]  # the shared block stays held
+    assert index.holds("blk/shared") and not index.holds("blk/a")
+    assert sorted(index.remove("agent/b")) == ["blk/b", "blk/shared", "kv/b"]
+    assert index.nbytes == 0 and index.remove("agent/b") == []
