@@ -34,6 +34,7 @@ is checked before use (CorruptEntry otherwise).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -196,6 +197,7 @@ def open_block(f: Any, fingerprint: bytes, key: str, chain: bytes, cache: int, p
         if digest.hex() != key:
             raise CorruptEntry("block does not match the key it is stored under")
 
+    verify.payload = "blk/" + key  # type: ignore[attr-defined]
     return FilePiece(cache, s, pos0, count, cells_len, (f, _BLOCK.size, data_len, verify))
 
 
@@ -244,8 +246,11 @@ def decode_tail(payload: Any, fingerprint: bytes, key: Optional[str] = None, res
     logits = np.frombuffer(view, "<f4", n_logits, off) if n_logits else None
     off += 4 * n_logits
     try:
-        shape = Shape.from_json(json.loads(bytes(view[off:off + shape_len])))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        text = bytes(view[off:off + shape_len])
+        if _depth(text.decode("utf-8")) > _RECORD_DEPTH:
+            raise CorruptEntry("tail shape is nested too deep")
+        shape = Shape.from_json(json.loads(text, parse_constant=_refuse_constant))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise CorruptEntry(f"tail shape does not parse: {exc}") from exc
     off += shape_len
     table = [_PIECE.unpack_from(view, off + i * _PIECE.size) for i in range(n_pieces)]
@@ -283,6 +288,9 @@ class Record:
     saved_at: float
     tail: Optional[str] = None
     shape: Optional[Dict[str, Any]] = None  # the shape to assemble with
+    # positions 0..exact-1 hold the KV a cold prefill of any prompt starting with these tokens
+    # computes, bit for bit (evaluated from 0 in whole n_batch batches; see Engine.cold_exact)
+    exact: int = 0
     last_used: float = field(default=0.0, compare=False)
 
     def keys(self) -> List[str]:
@@ -301,30 +309,96 @@ class Record:
         d = {"v": _RECORD_VERSION, "kind": self.kind, "name": self.name, "n_tokens": self.n_tokens,
              "block_tokens": self.block_tokens, "chain": self.chain, "first": self.first,
              "blocks": self.blocks, "fp": self.fingerprint, "saved_at": self.saved_at,
-             "tail": self.tail, "shape": self.shape}
-        return json.dumps(d, separators=(",", ":")).encode("utf-8", "surrogatepass")
+             "tail": self.tail, "shape": self.shape, "exact": self.exact}
+        return json.dumps(d, separators=(",", ":"), allow_nan=False).encode("utf-8", "surrogatepass")
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Record":
+        """Parse a record strictly: bounded size and depth, finite numbers, every field of its
+        type and in range; anything else is CorruptEntry (never OverflowError, RecursionError
+        or a hang)."""
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) > _RECORD_MAX:
+            raise CorruptEntry("record is not bytes or is larger than any record agentkv writes")
         try:
-            d = json.loads(raw.decode("utf-8", "surrogatepass"))
-            if d.get("v") != _RECORD_VERSION:
-                raise CorruptEntry(f"record version {d.get('v')!r} is not supported")
-            r = cls(kind=d["kind"], name=d["name"], n_tokens=int(d["n_tokens"]),
-                    block_tokens=int(d["block_tokens"]), chain=list(d["chain"]),
-                    first=[int(x) for x in d["first"]], blocks=[list(b) for b in d["blocks"]],
-                    fingerprint=d["fp"], saved_at=float(d["saved_at"]), tail=d.get("tail"),
-                    shape=d.get("shape"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            text = bytes(raw).decode("utf-8", "surrogatepass")
+            if _depth(text) > _RECORD_DEPTH:
+                raise CorruptEntry("record is nested deeper than any record agentkv writes")
+            d = json.loads(text, parse_constant=_refuse_constant)
+            if not isinstance(d, dict) or d.get("v") != _RECORD_VERSION:
+                raise CorruptEntry(f"record version {d.get('v') if isinstance(d, dict) else d!r} "
+                                   "is not supported")
+            r = cls(kind=_str(d["kind"]), name=_str(d["name"]), n_tokens=_int(d["n_tokens"]),
+                    block_tokens=_int(d["block_tokens"]), chain=_strs(d["chain"]),
+                    first=[_int(x) for x in _list(d["first"])],
+                    blocks=[_strs(b) for b in _list(d["blocks"])],
+                    fingerprint=_str(d["fp"]), saved_at=_float(d["saved_at"]),
+                    tail=None if d.get("tail") is None else _str(d["tail"]),
+                    shape=d.get("shape"), exact=_int(d.get("exact", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            if isinstance(exc, CorruptEntry):
+                raise
             raise CorruptEntry(f"record does not parse: {exc}") from exc
-        ok = (r.kind in ("agent", "cut") and isinstance(r.name, str) and r.block_tokens > 0
-              and len(r.first) == len(r.blocks) and all(isinstance(k, str) and k.startswith("blk/")
+        ok = (r.kind in ("agent", "cut") and r.block_tokens > 0
+              and len(r.first) == len(r.blocks) and all(k.startswith("blk/")
                                                          for ks in r.blocks for k in ks)
-              and all(isinstance(c, str) for c in r.chain) and len(r.chain) * r.block_tokens <= r.n_tokens
-              and all(0 <= f and f + len(b) <= len(r.chain) for f, b in zip(r.first, r.blocks))
-              and (r.tail is None or (isinstance(r.tail, str) and r.tail.startswith("kv/")))
+              and len(r.chain) * r.block_tokens <= r.n_tokens and r.exact <= r.n_tokens
+              and all(f + len(b) <= len(r.chain) for f, b in zip(r.first, r.blocks))
+              and (r.tail is None or r.tail.startswith("kv/"))
+              and (r.shape is None or isinstance(r.shape, dict))
               and (r.kind == "agent") == (r.tail is not None))
         if not ok:
             raise CorruptEntry("record fields are inconsistent")
         r.last_used = r.saved_at
         return r
+
+
+_RECORD_MAX = 64 << 20  # a 1M-token agent's record is ~10 MB
+_RECORD_DEPTH = 16  # agentkv's records nest 4 deep (shape JSON included)
+
+
+def _depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text (brackets inside strings counted too: an upper
+    bound, which is what the check needs)."""
+    depth = best = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > best:
+                best = depth
+                if best > _RECORD_DEPTH:
+                    return best
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def _refuse_constant(name: str) -> Any:
+    raise CorruptEntry(f"record holds {name}, which agentkv never writes")
+
+
+def _int(x: Any) -> int:
+    if type(x) is not int or not 0 <= x < (1 << 40):
+        raise CorruptEntry(f"record field {x!r} is not a count")
+    return x
+
+
+def _float(x: Any) -> float:
+    if type(x) not in (int, float) or not math.isfinite(x) or x < 0:
+        raise CorruptEntry(f"record field {x!r} is not a time")
+    return float(x)
+
+
+def _str(x: Any) -> str:
+    if type(x) is not str:
+        raise CorruptEntry(f"record field {x!r} is not a string")
+    return x
+
+
+def _list(x: Any) -> list:
+    if type(x) is not list:
+        raise CorruptEntry(f"record field {type(x).__name__} is not a list")
+    return x
+
+
+def _strs(x: Any) -> List[str]:
+    return [_str(v) for v in _list(x)]

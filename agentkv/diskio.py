@@ -7,15 +7,19 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
+import stat
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, List, Optional, Set
 
 import diskcache
 import numpy as np
 
-from .errors import CorruptEntry
+from .errors import ConfigError, CorruptEntry, NotACache, StoreBusy
 
-__all__ = ["SafeDisk", "StoreLock", "Arena"]
+__all__ = ["SafeDisk", "StoreLock", "Arena", "claim", "check_database", "database_damage",
+           "move_aside", "open_regular", "MARKER", "DB_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +38,48 @@ class SafeDisk(diskcache.Disk):
         return super().store(value, read, key)
 
     def fetch(self, mode, filename, value, read):  # type: ignore[override]
-        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY):
+        if mode == diskcache.core.MODE_RAW:
+            result = super().fetch(mode, filename, value, read)
+            if not isinstance(result, bytes):
+                raise CorruptEntry(f"cache row holds {type(result).__name__}, not bytes")
+            return result
+        if mode != diskcache.core.MODE_BINARY or not isinstance(filename, str):
             raise CorruptEntry(f"cache row has mode {mode}; only raw bytes are read back")
-        result = super().fetch(mode, filename, value, read)
-        if not read and not isinstance(result, bytes):
-            raise CorruptEntry(f"cache row holds {type(result).__name__}, not bytes")
-        return result
+        f = open_regular(os.path.join(self._directory, filename))
+        if read:
+            return f
+        with f:
+            return f.read()
+
+    def _write(self, full_path, iterator, mode, encoding=None):  # type: ignore[override]
+        """diskcache's write, minus what a failed one leaves: a half-written file that no row
+        names (a full disk), removed at once instead of by the next ``gc``."""
+        try:
+            return super()._write(full_path, iterator, mode, encoding)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(full_path)
+            raise
+
+
+def open_regular(path: str):
+    """``open(path, "rb")`` for regular files only: a FIFO, device or symlink put in place of a
+    payload raises CorruptEntry instead of blocking the reader or reading another file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptEntry(f"payload file {path} cannot be opened: {exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptEntry(f"payload file {path} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class StoreLock:
@@ -55,31 +95,55 @@ class StoreLock:
         self._where = where
         self._expire = expire
         self._timeout = timeout
+        self._token: Optional[bytes] = None
+        self._renewed = 0.0
+        self._unreleased: Set[bytes] = set()
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Hold the lock for the block (not reentrant; raises TimeoutError after ``timeout``)."""
-        token = self._acquire()
+    def held(self, timeout: Optional[float] = None) -> Iterator[None]:
+        """Hold the lock for the block (not reentrant; raises StoreBusy after ``timeout``
+        seconds, by default the lock's own)."""
+        token = self._acquire(self._timeout if timeout is None else timeout)
+        self._token, self._renewed = token, time.monotonic()
         try:
             yield
         finally:
+            self._token = None
             self._release(token)
 
-    def _acquire(self) -> bytes:
+    def renew(self) -> None:
+        """Called by a holder between steps of its work: pushes the expiry back (at most every
+        quarter of it), so a live holder never loses the lock to a waiter."""
+        token = self._token
+        if token is None or time.monotonic() - self._renewed < self._expire / 4:
+            return
+        with self._cache.transact():
+            if self._cache.get(self.KEY) == token:
+                self._cache.touch(self.KEY, expire=self._expire)
+        self._renewed = time.monotonic()
+
+    def _acquire(self, timeout: float) -> bytes:
         token = f"{os.getpid()}:{socket.gethostname()}:{os.urandom(8).hex()}".encode()
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + timeout
         while not self._cache.add(self.KEY, token, expire=self._expire):
             self._break_dead_lock()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the store lock of {self._where} was not freed in "
-                                   f"{self._timeout:.0f} s")
+                raise StoreBusy(f"the store lock of {self._where} was not freed in "
+                                f"{timeout:.0f} s")
             time.sleep(0.002)
         return token
 
     def _break_dead_lock(self) -> None:
-        """Free the lock of a holder on this host that no longer runs (killed mid-write)."""
+        """Free the lock of a holder on this host that no longer runs (killed mid-write), or
+        one this process failed to release (its release hit a full disk)."""
         held = self._cache.get(self.KEY)
         if held is None:
+            return
+        if held in self._unreleased:
+            with self._cache.transact():
+                if self._cache.get(self.KEY) == held:
+                    self._cache.delete(self.KEY)
+            self._unreleased.discard(held)
             return
         try:
             pid_s, host, _ = held.decode().split(":", 2)
@@ -101,9 +165,13 @@ class StoreLock:
                 self._cache.delete(self.KEY)
 
     def _release(self, token: bytes) -> None:
-        with self._cache.transact():
-            if self._cache.get(self.KEY) == token:
-                self._cache.delete(self.KEY)
+        try:
+            with self._cache.transact():
+                if self._cache.get(self.KEY) == token:
+                    self._cache.delete(self.KEY)
+        except Exception:
+            self._unreleased.add(token)  # freed by this process's next acquire
+            raise
 
 
 class Arena:
@@ -129,3 +197,114 @@ class Arena:
         view = self._buf[self._used:self._used + nbytes]
         self._used += nbytes
         return view
+
+
+# -- the cache folder -------------------------------------------------------------------------
+
+MARKER = "cache.db.agentkv"  # written when agentkv makes a folder its cache (diskcache's check
+# skips names holding "cache.db", so gc never removes it)
+_MARKER_TEXT = b"agentkv cache folder: agentkv writes and deletes files here (gc included)\n"
+DB_NAME = "cache.db"
+_CACHE_COLUMNS = {"rowid", "key", "raw", "store_time", "expire_time", "access_time",
+                  "access_count", "tag", "size", "mode", "filename", "value"}
+
+
+def _looks_like_legacy_cache(names: List[str]) -> bool:
+    """A folder written by agentkv before it marked its folders: diskcache's files only."""
+    if DB_NAME not in names:
+        return False
+    for name in names:
+        if name.startswith(DB_NAME):
+            continue
+        if len(name) == 2 and all(c in "0123456789abcdef" for c in name):
+            continue
+        return False
+    return True
+
+
+def claim(directory: Path, create: bool) -> None:
+    """Make sure ``directory`` is an agentkv cache before anything is written or deleted there.
+
+    A folder with agentkv's marker is one; so is a folder of diskcache files only (caches
+    written before the marker existed: the marker is added). A missing or empty folder becomes
+    one if ``create``. Anything else raises NotACache, and nothing is touched.
+    """
+    marker = directory / MARKER
+    try:
+        if marker.is_file():
+            return
+        names = sorted(os.listdir(directory)) if directory.is_dir() else None
+    except OSError as exc:
+        raise ConfigError(f"cache_dir {directory} cannot be read: {exc}") from exc
+    if names is None and directory.exists():
+        raise ConfigError(f"cache_dir {directory} is not a directory")
+    if names and not _looks_like_legacy_cache(names):
+        raise NotACache(f"{directory} holds other files and no agentkv cache; agentkv only "
+                        "makes an empty or new folder its cache (it deletes files there)")
+    if not names and not create:
+        raise NotACache(f"{directory} is not an agentkv cache (it is empty or missing)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"cache_dir {directory} is not writable by this process")
+        tmp = directory / f".{MARKER}.{os.getpid()}"
+        tmp.write_bytes(_MARKER_TEXT)
+        os.replace(tmp, marker)
+    except ConfigError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cache_dir {directory} cannot be made a cache: {exc}") from exc
+
+
+def database_damage(exc: BaseException) -> Optional[str]:
+    """What is wrong with the database if ``exc`` says it is damaged (not merely full, locked
+    or unwritable), else None."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc).lower()
+    if code in (11, 26) or any(s in text for s in (
+            "malformed", "not a database", "no such table", "no such column",
+            "has no column named", "file is encrypted", "database corrupt")):
+        return str(exc)
+    return None
+
+
+def check_database(path: Path) -> Optional[str]:
+    """None if the SQLite file at ``path`` (if any) is sound, else what is wrong with it.
+    Opens it read-only: nothing is created or changed."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        return database_damage(exc) or None
+    try:
+        result = con.execute("PRAGMA quick_check").fetchall()
+        if result != [("ok",)]:
+            return f"{path} failed SQLite's check: {result[0][0] if result else '?'}"
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "Cache" in tables:
+            cols = {r[1] for r in con.execute("PRAGMA table_info(Cache)")} | {"rowid"}
+            if not _CACHE_COLUMNS <= cols:
+                return f"{path}: table Cache lacks columns {sorted(_CACHE_COLUMNS - cols)}"
+        elif tables:
+            return f"{path} holds no Cache table"
+    except sqlite3.Error as exc:
+        return database_damage(exc)
+    finally:
+        con.close()
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged database (and its journal files) out of the way, kept for its owner."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    dest = path.with_name(f"{path.name}.damaged-{stamp}-{os.getpid()}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if src.exists():
+            os.replace(src, Path(str(dest) + suffix))
+    return dest

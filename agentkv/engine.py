@@ -31,6 +31,7 @@ from . import state as seqstate
 from . import pieces as seqpieces
 from .errors import CorruptEntry, NotALlama, RestoreFailed
 from .laid import LaidState, lay_out
+from .settings import ADAPTERS, settings_of
 from .snapshot import Parts, Snapshot, check_state
 
 __all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "hash_file"]
@@ -94,26 +95,29 @@ class Engine:
 
     # -- identity -------------------------------------------------------------------------
 
-    def fingerprint(self, model_hash: str, at_rest: int = 0) -> bytes:
-        """16 bytes naming everything a stored state must match to be restored here."""
-        cp = self.llm.context_params
+    def fingerprint(self, model_hash: str, hash_file: Callable[[str], str], at_rest: int = 0
+                    ) -> bytes:
+        """16 bytes naming everything a stored state must match to be restored here: the
+        format, the model's content, and every setting of the context that changes the KV it
+        computes or how it reads it (agentkv/settings.py), as llama.cpp reports them."""
         fields = {
             "format": FORMAT_ID,
             "llama_cpp": llama_cpp.__version__,
             "model": model_hash,
-            "type_k": int(cp.type_k),
-            "type_v": int(cp.type_v),
-            "flash_attn": int(cp.flash_attn_type),
-            "swa_full": bool(cp.swa_full),
-            "n_seq_max": int(cp.n_seq_max),
-            "kv_unified": bool(cp.kv_unified),
-            "n_layer": int(llama_cpp.llama_model_n_layer(self.llm.model)),
-            "n_embd": int(llama_cpp.llama_model_n_embd(self.llm.model)),
-            "n_swa": self.n_swa,
+            "settings": settings_of(self.llm, hash_file, self.adapters(hash_file)),
         }
-        if at_rest:  # exact stores keep the fingerprint they always had
+        if at_rest:
             fields["at_rest"] = at_rest
         return xxhash.xxh3_128(json.dumps(fields, sort_keys=True).encode()).digest()
+
+    def adapters(self, hash_file: Callable[[str], str]) -> Optional[list]:
+        """LoRA adapters and control vector set on the context at run time (None: none seen)."""
+        return ADAPTERS.describe(self.llm.ctx, hash_file)
+
+    @property
+    def adapters_version(self) -> int:
+        """Changes whenever adapters are set on any context: a cheap test before :meth:`adapters`."""
+        return ADAPTERS.version
 
     @property
     def model_path(self) -> str:

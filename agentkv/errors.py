@@ -11,10 +11,15 @@ The tree, drawn once::
     ├── TurnInProgress(RuntimeError)   a nested turn in the thread that holds the context
     ├── CorruptEntry(ValueError)       a stored entry failed its checksum or its parse
     ├── FingerprintMismatch(ValueError) a stored entry was made by another model or context
-    └── RestoreFailed(RuntimeError)    llama.cpp refused a state that passed every check
+    ├── RestoreFailed(RuntimeError)    llama.cpp refused a state that passed every check
+    ├── NotACache(ValueError)          a folder that is not an agentkv cache (ls/verify/gc refuse it)
+    ├── StoreBusy(TimeoutError)        the cache's cross-process write lock was not freed in time
+    └── UnsupportedLlamaCpp(RuntimeError) the installed llama.cpp writes a state format agentkv
+                                       does not know
 
-Errors on the restore path (CorruptEntry, FingerprintMismatch, RestoreFailed) never reach a
-caller of a turn: AgentMemory logs them, counts a miss and prefills. They are public so that
+Errors on the restore path (CorruptEntry, FingerprintMismatch, RestoreFailed), and anything the
+store raises (a full disk, a damaged database, StoreBusy), never reach a caller of a turn:
+AgentMemory logs them, counts them in its stats and prefills. They are public so that
 the store's own tools (``verify``) can report them.
 """
 
@@ -31,6 +36,9 @@ __all__ = [
     "CorruptEntry",
     "FingerprintMismatch",
     "RestoreFailed",
+    "NotACache",
+    "StoreBusy",
+    "UnsupportedLlamaCpp",
 ]
 
 
@@ -66,7 +74,14 @@ class TurnInProgress(AgentKVError, RuntimeError):
 
 
 class CorruptEntry(AgentKVError, ValueError):
-    """A stored entry is truncated, fails its checksum, or does not parse."""
+    """A stored entry is truncated, fails its checksum, or does not parse.
+
+    ``payload``: the store key of the damaged payload, where it is known (the store then
+    drops that payload and every record that names it, so that the next save rewrites it).
+    """
+
+    payload: "str | None" = None
+    record: "str | None" = None  # the key of the record being read, where it is known
 
 
 class FingerprintMismatch(AgentKVError, ValueError):
@@ -75,3 +90,15 @@ class FingerprintMismatch(AgentKVError, ValueError):
 
 class RestoreFailed(AgentKVError, RuntimeError):
     """llama.cpp refused to load a sequence state."""
+
+
+class NotACache(AgentKVError, ValueError):
+    """A folder holds other files and no agentkv cache: agentkv will not write or delete there."""
+
+
+class StoreBusy(AgentKVError, TimeoutError):
+    """The cache's cross-process write lock was held by a live process for too long."""
+
+
+class UnsupportedLlamaCpp(AgentKVError, RuntimeError):
+    """The installed llama.cpp writes a sequence-state layout agentkv was not written for."""

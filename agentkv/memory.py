@@ -17,6 +17,7 @@ is on disk after each of its turns (a crash loses at most the turn in flight).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -30,16 +31,29 @@ from .atrest import code_of
 from .config import MemoryConfig, SizeLike
 from .engine import Engine, hash_file
 from .errors import (ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId, MemoryClosed,
-                     RestoreFailed, TurnInProgress, UnknownAgent)
+                     NotACache, RestoreFailed, TurnInProgress, UnknownAgent)
 from .residency import RamTier
 from .snapshot import Snapshot
 from .stats import AgentInfo, MemoryStats, TurnRecord
-from .store import DiskStore
+from .store import DiskStore, NoDisk, agent_key
 from .writer import WriteBehind
 
 __all__ = ["AgentMemory"]
 
 log = logging.getLogger(__name__)
+
+def _flush_at_exit(mem: "AgentMemory") -> Callable[[], None]:
+    """An exit hook that lets the writer finish the saves queued when the interpreter exits
+    without close() (the writer is a daemon thread, stopped at exit); holds no reference."""
+    ref = weakref.ref(mem)
+
+    def flush() -> None:
+        m = ref()
+        if m is not None and not m._closed:
+            m._writer_may_run.set()
+            m._writer.drain()
+    return flush
+
 
 def _check_agent_id(agent_id: Any) -> str:
     if not isinstance(agent_id, str):
@@ -90,16 +104,16 @@ class AgentMemory:
         rest = code_of(at_rest)
         self._closed = True  # until the end of __init__
         self._take_over(llm)
-        self._store = DiskStore(self._config.cache_dir, self._config.disk_budget,
-                                self._config.block_tokens, rest)
-        self._fingerprint = self._engine.fingerprint(
-            self._store.model_hash(self._engine.model_path, hash_file), at_rest=rest)
+        self._store = self._open_store(rest)
+        self._rest = rest
+        self._fingerprint = self._make_fingerprint()
         self._ram = RamTier(self._config.ram_budget)
         self._stats = MemoryStats()
         self._lock = threading.Lock()  # the context: one turn at a time
         self._owner: Optional[int] = None
         self._state_lock = threading.Lock()  # _wanted and counters shared with the writer
         self._wanted: Dict[str, int] = {}  # agent -> generation that should reach disk
+        self._durable: Dict[str, int] = {}  # agent -> generation that did
         self._generation = 0
         self._last_used: Dict[str, float] = {}
         self._live: Optional[str] = None
@@ -122,9 +136,33 @@ class AgentMemory:
         self._writer_may_run.set()
         self._engine.on_first_token = self._writer_may_run.set
         self._writer = WriteBehind(self._persist)
+        self._warned_cache = False
+        self._at_exit = _flush_at_exit(self)
+        atexit.register(self._at_exit)
         self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", self._config.cache_dir,
                   self._fingerprint.hex())
+
+    def _open_store(self, rest: int) -> Union[DiskStore, NoDisk]:
+        """The disk tier; a folder that cannot be opened (a full disk, an I/O error) leaves
+        agents in the context and RAM only, with a warning. A folder that is not agentkv's
+        (NotACache) or cannot be written (ConfigError) is the caller's to fix: raised."""
+        cfg = self._config
+        try:
+            return DiskStore(cfg.cache_dir, cfg.disk_budget, cfg.block_tokens, rest)
+        except (ConfigError, NotACache):
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlite3 and OS errors of a broken disk
+            log.warning("the cache folder %s cannot be opened (%s: %s); agents are kept in the "
+                        "context and RAM only", cfg.cache_dir, type(exc).__name__, exc)
+            return NoDisk(cfg.cache_dir, f"{type(exc).__name__}: {exc}")
+
+    def _make_fingerprint(self) -> bytes:
+        def cached_hash(path: str) -> str:
+            return self._store.model_hash(path, hash_file)
+        self._adapters_seen = self._engine.adapters_version
+        return self._engine.fingerprint(cached_hash(self._engine.model_path), cached_hash,
+                                        at_rest=self._rest)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -165,6 +203,7 @@ class AgentMemory:
             s = replace(self._stats, hits=dict(self._stats.hits))
         s.ram_bytes = self._ram.nbytes
         s.disk_bytes = self._store.nbytes
+        s.disk_db_bytes = self._store.db_bytes()
         ids = {m.name for m, _ in self._store.agents() if m.fingerprint == self._fingerprint.hex()}
         ids.update(aid for aid, _ in self._ram.items())
         if self._live is not None:
@@ -199,19 +238,32 @@ class AgentMemory:
                 self._lock.release()
         return self._live_size
 
-    def evict(self, agent_id: str) -> None:
-        """Move the agent's KV out of the context and RAM to disk (waits for the write)."""
+    def evict(self, agent_id: str) -> bool:
+        """Move the agent's KV out of the context and RAM to disk (waits for the write).
+
+        Returns True when its KV is on disk. When the write failed (a full disk, logged) the
+        KV stays in RAM and False is returned: nothing is dropped before it is durable.
+        """
         _check_agent_id(agent_id)
         with self._exclusive():
             known = False
             if self._live == agent_id:
                 self._evict_live()
                 known = True
-            if self._ram.pop(agent_id) is not None:
-                known = True
             self._wait_writer(agent_id)
+            with self._state_lock:
+                wanted = self._wanted.get(agent_id)
+                durable = wanted is None or self._durable.get(agent_id) == wanted
+            if self._ram.peek(agent_id) is not None:
+                known = True
+                if not durable:
+                    log.warning("agent %r: its KV could not be written to disk; it stays in RAM",
+                                agent_id)
+                    return False
+                self._ram.pop(agent_id)
             if not known and not self._store.has_agent(agent_id):
                 raise UnknownAgent(f"no agent {agent_id!r} in this memory")
+            return durable
 
     def forget(self, agent_id: str) -> None:
         """Delete the agent's KV from every tier; its payload goes unless another agent uses it."""
@@ -227,7 +279,10 @@ class AgentMemory:
             with self._state_lock:
                 self._wanted.pop(agent_id, None)
             self._wait_writer(agent_id)
-            known = self._store.drop(agent_id) or known
+            try:
+                known = self._store.drop(agent_id) or known
+            except Exception as exc:  # noqa: BLE001
+                self._store_failed(f"deleting agent {agent_id!r} from disk", exc)
             self._last_used.pop(agent_id, None)
             if not known:
                 raise UnknownAgent(f"no agent {agent_id!r} in this memory")
@@ -250,6 +305,7 @@ class AgentMemory:
                 self._writer.close()
                 self._engine.uninstall()
                 self._store.close()
+                atexit.unregister(self._at_exit)
                 self._closed = True
 
     def __enter__(self) -> "AgentMemory":
@@ -300,16 +356,27 @@ class AgentMemory:
     def _turn(self, agent_id: str) -> Iterator[Any]:
         _check_agent_id(agent_id)
         with self._exclusive():
+            self._check_settings()
             record = self._activate(agent_id)
             self._live_saved = None  # the turn may change the live state
             self._turn_record = record
             with self._state_lock:
                 self._stats.turns += 1
                 self._stats.hits[record.source] += 1
+            llm = self._engine.llm
+            own_cache = getattr(llm, "cache", None)
+            if own_cache is not None:  # Llama would load its own state over the restored KV
+                if not self._warned_cache:
+                    log.warning("this Llama has a cache set (llm.set_cache); agentkv turns run "
+                                "without it, and it is put back after each turn")
+                    self._warned_cache = True
+                llm.cache = None
             try:
-                yield self._engine.llm
+                yield llm
                 self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
+                if own_cache is not None:
+                    llm.cache = own_cache
                 self._writer_may_run.set()  # the turn made no token (or made them all)
                 self._engine.scrub()  # ready for the next disk restore, outside its TTFT
                 while self._pushed_out:  # what RAM pushed out is durable before the next turn
@@ -317,6 +384,23 @@ class AgentMemory:
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
                 self.last_turn = record
+
+    def _check_settings(self) -> None:
+        """Adapters set on the context since the fingerprint was made change the KV it computes:
+        every agent held so far goes to disk under the old fingerprint, the RAM tier and the
+        context are emptied, and the new settings get a fingerprint of their own."""
+        if self._engine.adapters_version == self._adapters_seen:
+            return
+        fingerprint = self._make_fingerprint()
+        if fingerprint == self._fingerprint:
+            return
+        log.warning("LoRA adapters or a control vector changed on this context: agents held "
+                    "so far stay on disk under the old settings")
+        self._flush_locked()
+        self._ram.clear()
+        self._engine.clear()
+        self._live, self._live_saved = None, None
+        self._fingerprint = fingerprint
 
     def _call(self, agent_id: str, call: Callable[[Any], Any], stream: bool) -> Any:
         if not stream:
@@ -406,14 +490,14 @@ class AgentMemory:
         try:
             self._engine.restore(snap)
         except (CorruptEntry, RestoreFailed) as exc:
+            self._engine.clear()
             if source == "disk" and isinstance(exc, CorruptEntry):  # found while reading it in
-                log.warning("agent %r: stored KV is damaged and was dropped (%s); prefilling",
-                            agent_id, exc)
+                log.warning("agent %r: stored KV is damaged (%s); prefilling", agent_id, exc)
+                self._drop_damaged(exc, agent_key(agent_id))
             else:
                 log.warning("agent %r: restoring its KV from %s failed (%s); prefilling",
                             agent_id, source, exc)
-            self._reject(agent_id, drop=source == "disk")
-            self._engine.clear()
+                self._count(rejected=1)
             return "cold"
         return source
 
@@ -422,21 +506,49 @@ class AgentMemory:
             snap, nread = self._store.get(agent_id, self._fingerprint, scratch=True)
         except FingerprintMismatch as exc:
             log.warning("agent %r: stored KV not restored: %s", agent_id, exc)
-            self._reject(agent_id, drop=False)
+            self._count(rejected=1)
             return None
-        except (CorruptEntry, OSError) as exc:
-            log.warning("agent %r: stored KV is damaged and was dropped: %s", agent_id, exc)
-            self._reject(agent_id, drop=True)
+        except CorruptEntry as exc:
+            log.warning("agent %r: stored KV is damaged (%s); prefilling", agent_id, exc)
+            self._drop_damaged(exc, agent_key(agent_id))
             return None
-        with self._state_lock:
-            self._stats.bytes_read += nread
+        except Exception as exc:  # noqa: BLE001 - the store failed, not the data
+            self._store_failed(f"reading agent {agent_id!r}", exc)
+            return None
+        self._count(bytes_read=nread)
         return snap
 
-    def _reject(self, agent_id: str, drop: bool) -> None:
+    def _drop_damaged(self, exc: CorruptEntry, record: Optional[str]) -> None:
+        """Damage found: drop the damaged payload with every record naming it (the next save
+        that holds those bytes writes them again), else the record that failed."""
+        self._count(rejected=1)
+        try:
+            dropped: List[str] = []
+            if exc.payload is not None:
+                dropped = self._store.discard_damaged(exc.payload)
+            key = exc.record or record
+            if key is not None and key not in dropped:
+                self._store.drop_record(key)
+        except Exception as err:  # noqa: BLE001 - a full disk refuses deletes too
+            self._store_failed("dropping a damaged entry", err)
+
+    def _store_failed(self, what: str, exc: BaseException) -> None:
+        """The store raised (a full disk, a damaged database, a lock held too long): log it,
+        count it, and go on without the disk for this step."""
+        self._count(store_errors=1)
+        try:
+            if self._store.recover(exc):
+                return
+        except Exception as err:  # noqa: BLE001
+            log.warning("agentkv: the damaged cache database could not be replaced: %s", err)
+        log.warning("agentkv: %s failed (%s: %s); going on without the disk tier for it", what,
+                    type(exc).__name__, exc)
+
+    def _count(self, **deltas: Any) -> None:
+        """Add to the shared counters (the writer thread counts too)."""
         with self._state_lock:
-            self._stats.rejected += 1
-        if drop:
-            self._store.drop(agent_id)
+            for name, d in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + d)
 
     def _save_live(self) -> None:
         """Snapshot the live agent (kept as its current snapshot) and queue its disk write."""
@@ -461,18 +573,25 @@ class AgentMemory:
             return
         self._wait_writer()  # a state on its way to disk may hold the prefix
         t0 = time.perf_counter()
+        source = None
         try:
-            snap, nread = self._store.find_prefix(prompt, self._fingerprint, self._engine.n_swa,
-                                                  scratch=True)
+            snap, nread, source = self._store.find_prefix(
+                prompt, self._fingerprint, self._engine.n_swa, scratch=True)
             if snap is None:
                 return
             self._engine.restore(snap)
-        except (CorruptEntry, FingerprintMismatch, RestoreFailed, OSError) as exc:
+        except (CorruptEntry, FingerprintMismatch, RestoreFailed) as exc:
             log.warning("agent %r: a stored prefix failed its checks (%s); prefilling",
                         record.agent_id, exc)
             self._engine.clear()
-            with self._state_lock:
-                self._stats.rejected += 1
+            if isinstance(exc, CorruptEntry):
+                self._drop_damaged(exc, source)
+            else:
+                self._count(rejected=1)
+            return
+        except Exception as exc:  # noqa: BLE001 - the store failed, not the data
+            self._engine.clear()
+            self._store_failed(f"looking up a stored prefix for agent {record.agent_id!r}", exc)
             return
         dt = time.perf_counter() - t0
         record.source = "prefix"
@@ -489,7 +608,11 @@ class AgentMemory:
         if reuse > 0 or len(prompt) < B:
             return 0  # only a context evaluated from the start can store a shared prefix
         self._wait_writer()
-        return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa)
+        try:
+            return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa)
+        except Exception as exc:  # noqa: BLE001
+            self._store_failed("planning a shared prefix", exc)
+            return 0
 
     def _store_cut(self, n_tokens: int) -> None:
         """Engine hook: the context holds a shared prefix of ``n_tokens``; store it."""
@@ -515,19 +638,26 @@ class AgentMemory:
         self._writer_may_run.wait(timeout=0.5)
 
     def _persist(self, agent_id: Any, snap: Snapshot, generation: int) -> None:
-        """Writer thread: put the snapshot on disk unless a newer one or a forget superseded it."""
-        if isinstance(agent_id, tuple):  # a shared prefix
-            t0 = time.perf_counter()
-            written = self._store.put_cut(snap, self._fingerprint, self._yield_to_restores)
-            with self._state_lock:
-                self._stats.bytes_written += written
-                self._stats.save_seconds += time.perf_counter() - t0
+        """Writer thread: put the snapshot on disk unless a newer one or a forget superseded it.
+        A failure is logged and counted, never raised (the turn has long answered)."""
+        t0 = time.perf_counter()
+        try:
+            if isinstance(agent_id, tuple):  # a shared prefix
+                written = self._store.put_cut(snap, self._fingerprint, self._yield_to_restores)
+            else:
+                with self._state_lock:
+                    if self._wanted.get(agent_id) != generation:
+                        return
+                _, written = self._store.put(agent_id, snap, self._fingerprint,
+                                             self._yield_to_restores)
+        except Exception as exc:  # noqa: BLE001
+            what = ("storing a shared prefix" if isinstance(agent_id, tuple) else
+                    f"saving agent {agent_id!r} (its KV is in RAM while the RAM budget lets it "
+                    "stay; a later save or a prefill restores it)")
+            self._store_failed(what, exc)
             return
         with self._state_lock:
-            if self._wanted.get(agent_id) != generation:
-                return
-        t0 = time.perf_counter()
-        _, written = self._store.put(agent_id, snap, self._fingerprint, self._yield_to_restores)
-        with self._state_lock:
+            if not isinstance(agent_id, tuple):
+                self._durable[agent_id] = generation
             self._stats.bytes_written += written
             self._stats.save_seconds += time.perf_counter() - t0

@@ -55,7 +55,7 @@ class StreamShape:
             v_trans = d["v_trans"]
             k = tuple((int(t), int(r)) for t, r in d["k"])
             v = tuple(tuple(int(x) for x in row) for row in d["v"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CorruptEntry(f"stream shape does not parse: {exc}") from exc
         if not isinstance(v_trans, bool) or not k or len(v) != len(k) or \
                 any(len(row) != (3 if v_trans else 2) for row in v):
@@ -81,7 +81,7 @@ class Shape:
             seq_id = int(d["seq_id"])
             caches = tuple(tuple(None if s is None else StreamShape.from_json(s) for s in c)
                            for c in d["caches"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CorruptEntry(f"state shape does not parse: {exc}") from exc
         if not caches or len(caches) > 8 or any(not 0 < len(c) <= MAX_STREAMS for c in caches):
             raise CorruptEntry("state shape has an impossible cache or stream count")
@@ -148,6 +148,9 @@ class FilePiece(LazyPiece):
                 if got:
                     todo[0] = todo[0][got:]
             verify(views)
+        except CorruptEntry as exc:
+            exc.payload = exc.payload or getattr(verify, "payload", None)
+            raise
         finally:
             f.close()
 

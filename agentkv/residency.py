@@ -55,6 +55,10 @@ class RamTier:
             evicted.append((victim, old))
         return evicted
 
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
     def pop(self, agent_id: str) -> Optional[Snapshot]:
         snap = self._items.pop(agent_id, None)
         if snap is not None:

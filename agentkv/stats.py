@@ -44,8 +44,12 @@ class MemoryStats:
         restore_seconds: time spent restoring (disk reads, checks, set_data).
         save_seconds: time spent saving (snapshots and disk writes, background included).
         rejected: stored entries refused (corrupt, truncated, foreign fingerprint).
+        store_errors: operations the disk tier failed (a full disk, a damaged database, a
+            lock held too long); each is logged, and the turn went on without it.
         ram_bytes: bytes of snapshots in the RAM tier now.
         disk_bytes: bytes of payloads on disk now.
+        disk_db_bytes: bytes of the cache's SQLite files now (``disk_budget`` bounds them
+            together with the payloads).
         agents: agents the memory holds now.
     """
 
@@ -58,8 +62,10 @@ class MemoryStats:
     restore_seconds: float = 0.0
     save_seconds: float = 0.0
     rejected: int = 0
+    store_errors: int = 0
     ram_bytes: int = 0
     disk_bytes: int = 0
+    disk_db_bytes: int = 0
     agents: int = 0
 
 

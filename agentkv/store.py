@@ -26,8 +26,10 @@ which every writer also holds from its first block to its record.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import sqlite3
 import os
 import threading
 import time
@@ -44,13 +46,14 @@ from . import pieces as seqpieces
 from .blocks import (BlockPayload, Record, Tail, blocks_digest, chain_keys, decode_block,
                      decode_tail, encode_tail, open_block, seal_block)
 from .atrest import from_rest, to_rest
-from .diskio import Arena, SafeDisk, StoreLock
-from .errors import CorruptEntry, FingerprintMismatch
+from .diskio import (DB_NAME, Arena, SafeDisk, StoreLock, check_database, claim,
+                     database_damage, move_aside)
+from .errors import CorruptEntry, FingerprintMismatch, StoreBusy
 from .laid import LaidState
 from .recindex import RecordIndex
 from .snapshot import Parts, Snapshot
 
-__all__ = ["DiskStore", "agent_key"]
+__all__ = ["DiskStore", "NoDisk", "agent_key", "file_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,33 @@ def agent_key(agent_id: str) -> str:
     return "agent/" + xxhash.xxh3_128_hexdigest(agent_id.encode("utf-8", "surrogatepass"))
 
 
+_SAMPLE = 64 << 10
+
+
+def file_identity(path: str) -> str:
+    """A string that changes when the file at ``path`` is replaced or rewritten: path, device,
+    inode, size, modification and change times, and the xxh3 of 18 samples of its bytes."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        h = xxhash.xxh3_128()
+        size = st.st_size
+        for i in range(18):
+            off = 0 if i == 0 else size - _SAMPLE if i == 17 else (size * i) // 17
+            h.update(os.pread(f.fileno(), _SAMPLE, max(0, off)))
+    return (f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{size}\0{st.st_mtime_ns}"
+            f"\0{st.st_ctime_ns}\0{h.hexdigest()}")
+
+
 def _go_on() -> None:
     """The ``pause`` of a save nobody needs to interrupt."""
+
+
+def _close_files(pieces: Iterable[seqpieces.Piece]) -> None:
+    """Close the files of FilePieces a failed read opened."""
+    for p in pieces:
+        if isinstance(p, seqpieces.FilePiece):
+            with contextlib.suppress(Exception):
+                p.data[0].close()
 
 
 def _record_key(r: Record) -> str:
@@ -77,22 +105,106 @@ class DiskStore:
     """
 
     def __init__(self, directory: Path, budget: int, block_tokens: int = 256,
-                 at_rest: int = 0) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+                 at_rest: int = 0, create: bool = True, repair: bool = True) -> None:
+        claim(directory, create)  # NotACache before anything is written
         self.directory = directory
         self.budget = budget
         self.block_tokens = block_tokens
         self.at_rest = at_rest
-        self._cache = diskcache.Cache(
-            str(directory), disk=SafeDisk, eviction_policy="none", size_limit=1 << 62,
-            cull_limit=0, statistics=False, tag_index=False)
         self._lock = threading.RLock()
-        self._write_lock = StoreLock(self._cache, str(directory))  # across processes
-        self._index = RecordIndex()  # records on disk and the payloads they hold
-        self._seen_len = -1
         self._arena = Arena()  # scratch reads (one restore at a time: AgentMemory's turn)
+        self.damaged_db: Optional[Path] = None  # where a damaged database was moved aside
+        self._open_db(repair)
+        if create:
+            self._collect_leftovers()
+
+    def _open_db(self, repair: bool) -> None:
+        """Open the database (a damaged one is moved aside and a new one started, if
+        ``repair``; else CorruptEntry) and index its records."""
+        db = self.directory / DB_NAME
+        problem = check_database(db)
+        if problem is not None:
+            if not repair:
+                raise CorruptEntry(f"the cache database is damaged: {problem}")
+            self._set_aside(problem)
+        try:
+            self._cache = self._new_cache()
+        except sqlite3.DatabaseError as exc:
+            if not repair or database_damage(exc) is None:
+                raise
+            self._set_aside(str(exc))
+            self._cache = self._new_cache()
+        self._db_ino = self._db_inode()
+        self._write_lock = StoreLock(self._cache, str(self.directory))  # across processes
         with self._lock:
+            self._index = RecordIndex()  # records on disk and the payloads they hold
+            self._seen_len = -1
             self._refresh(force=True)
+
+    def _new_cache(self) -> diskcache.Cache:
+        return diskcache.Cache(
+            str(self.directory), disk=SafeDisk, eviction_policy="none", size_limit=1 << 62,
+            cull_limit=0, statistics=False, tag_index=False)
+
+    def _db_inode(self) -> Optional[int]:
+        try:
+            return os.stat(self.directory / DB_NAME).st_ino
+        except OSError:
+            return None
+
+    def _set_aside(self, problem: str) -> None:
+        dest = move_aside(self.directory / DB_NAME)
+        self.damaged_db = dest
+        log.warning("the cache database of %s is damaged (%s): moved to %s and a new one "
+                    "started; its agents will be prefilled", self.directory, problem, dest.name)
+
+    def recover(self, exc: BaseException) -> bool:
+        """If ``exc`` says the database is damaged (found while in use), move it aside and
+        start a new one; True if it did."""
+        if database_damage(exc) is None:
+            return False
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._cache.close()
+            self._set_aside(str(exc))
+            self._open_db(repair=True)
+        return True
+
+    def _check_home(self) -> None:
+        """Before a write: the folder or its database removed (or replaced) while open would
+        swallow every save silently; start a new cache there instead."""
+        if self._db_inode() == self._db_ino:
+            return
+        log.warning("the cache folder %s (or its database) was removed or replaced while in "
+                    "use; starting a new cache there", self.directory)
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._cache.close()
+            claim(self.directory, create=True)
+            self._open_db(repair=True)
+
+    def _collect_leftovers(self) -> None:
+        """At open: payloads no record holds (a save that failed or was killed) are deleted
+        unless another process is writing right now."""
+        try:
+            with self._write_lock.held(timeout=0.5):
+                self._collect_unheld()
+        except StoreBusy:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a full disk may refuse even deletes
+            log.debug("leftover payloads not collected at open: %s", exc)
+
+    def db_bytes(self) -> int:
+        """Bytes of the SQLite files (counted against the budget with the payloads)."""
+        return self._db_bytes()
+
+    def _db_bytes(self) -> int:
+        """Bytes of the SQLite files, which the disk budget counts too."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.stat(str(self.directory / DB_NAME) + suffix).st_size
+        return total
 
     # -- the in-memory index --------------------------------------------------------------
 
@@ -239,7 +351,8 @@ class DiskStore:
         with self._lock:
             freed = self._index.remove(key)
             self._index.add(key, r, lambda k: sizes[k] if k in sizes else self._payload_size(k))
-            while self._index.nbytes > self.budget and len(self._index.records) > 1:
+            db = self._db_bytes()
+            while self._index.nbytes + db > self.budget and len(self._index.records) > 1:
                 victim = next(k for k in self._index.records if k != keep)
                 log.info("disk budget: dropping %s (%d bytes held)", victim, self._index.nbytes)
                 self._cache.delete(victim)
@@ -256,6 +369,7 @@ class DiskStore:
         work, so that a background writer can give way to the foreground.
         """
         pause = pause or _go_on
+        self._check_home()
         chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, False, pause)
         digest = blocks_digest(first, [[k for k, _ in bs] for bs in blocks])
         # Lossy at rest: no carried logits (they belong to the exact KV); a resume replays the
@@ -265,7 +379,7 @@ class DiskStore:
         tail_payload, tail_key = encode_tail(
             Tail(snap.tokens, logits, shape, rest, digest), fingerprint, self.at_rest)
         total = len(tail_payload) + sum(p.nbytes for bs in blocks for _, p in bs)
-        if total > self.budget:
+        if total + self._db_bytes() > self.budget:
             log.warning("agent %r: %d bytes of KV exceed disk_budget=%d; not persisted",
                         agent_id, total, self.budget)
             self.drop(agent_id)
@@ -277,20 +391,26 @@ class DiskStore:
         r.last_used = now
         key = agent_key(agent_id)
         with self._write_lock.held():
+            step = self._renewing(pause)
             sizes: Dict[str, int] = {}
-            written = self._write_blocks(blocks, sizes, pause)
-            sizes[r.tail] = len(tail_payload)
-            if r.tail not in self._cache:
-                pause()
-                self._cache.set(r.tail, tail_payload)
-                written += len(tail_payload)
-            self._commit(key, r, sizes, keep=key)
+            try:
+                written = self._write_blocks(blocks, sizes, step)
+                sizes[r.tail] = len(tail_payload)
+                if r.tail not in self._cache:
+                    step()
+                    self._cache.set(r.tail, tail_payload)
+                    written += len(tail_payload)
+                self._commit(key, r, sizes, keep=key)
+            except BaseException:
+                self._discard_unheld(sizes)
+                raise
         return r, written
 
     def put_cut(self, snap: Snapshot, fingerprint: bytes,
                 pause: Optional[Callable[[], None]] = None) -> int:
         """Store a shared prefix (whole blocks only, SWA window included); bytes written."""
         pause = pause or _go_on
+        self._check_home()
         split = self._blocks_of(snap, fingerprint, whole_only=True, pause=pause)
         if split is None or not split[0]:
             log.debug("cut at %d tokens is not whole blocks; not stored", snap.n_tokens)
@@ -304,14 +424,39 @@ class DiskStore:
         key = "cut/" + r.name
         with self._write_lock.held():
             sizes: Dict[str, int] = {}
-            written = self._write_blocks(blocks, sizes, pause)
-            self._commit(key, r, sizes, keep=key)
+            try:
+                written = self._write_blocks(blocks, sizes, self._renewing(pause))
+                self._commit(key, r, sizes, keep=key)
+            except BaseException:
+                self._discard_unheld(sizes)
+                raise
         return written
+
+    def _renewing(self, pause: Callable[[], None]) -> Callable[[], None]:
+        """``pause``, renewing the write lock first: a holder that gives way to restores for
+        longer than the lock's expiry keeps it."""
+        def step() -> None:
+            self._write_lock.renew()
+            pause()
+            self._write_lock.renew()
+        return step
+
+    def _discard_unheld(self, keys: Iterable[str]) -> None:
+        """After a failed save: delete what it wrote that no record holds (best effort; a full
+        disk may refuse this too, and the next open collects them)."""
+        try:
+            with self._lock:
+                keys = [k for k in keys if not self._index.holds(k)]
+            for k in keys:
+                self._cache.delete(k)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("payloads of a failed save not deleted yet: %s", exc)
 
     def drop(self, agent_id: str) -> bool:
         """Remove the agent's manifest; its payloads go unless another record holds them.
         True if it was stored."""
         key = agent_key(agent_id)
+        self._check_home()
         with self._write_lock.held():
             with self._lock:
                 known = key in self._index.records or key in self._cache
@@ -325,17 +470,49 @@ class DiskStore:
         """Delete every payload no record on disk holds (orphans of killed writers included);
         return how many went."""
         with self._write_lock.held():
+            return self._collect_unheld()
+
+    def _collect_unheld(self) -> int:
+        """:meth:`collect`, with the write lock held by the caller."""
+        with self._lock:
+            self._refresh(force=True)
+        held: Set[str] = set()
+        for r in self._scan().values():
+            held.update(r.keys())
+        gone = 0
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, str) and key.startswith(("blk/", "kv/")) and key not in held:
+                self._cache.delete(key)
+                gone += 1
+        return gone
+
+    def discard_damaged(self, payload: str) -> List[str]:
+        """Delete a payload found damaged and every record that names it (an agent or a cut
+        that would fail again at every restore); the next save that holds those bytes writes
+        them afresh. Returns the keys of the records dropped."""
+        with self._write_lock.held():
             with self._lock:
                 self._refresh(force=True)
-            held: Set[str] = set()
-            for r in self._scan().values():
-                held.update(r.keys())
-            gone = 0
-            for key in list(self._cache.iterkeys()):
-                if isinstance(key, str) and key.startswith(("blk/", "kv/")) and key not in held:
-                    self._cache.delete(key)
-                    gone += 1
-            return gone
+                names = [k for k, r in self._index.records.items() if payload in r.keys()]
+                freed: List[str] = []
+                for k in names:
+                    self._cache.delete(k)
+                    freed += self._index.remove(k)
+                self._cache.delete(payload)
+            self._collect(freed)
+            self._seen_len = len(self._cache)
+        log.warning("dropped damaged payload %s and the %d record(s) naming it", payload,
+                    len(names))
+        return names
+
+    def drop_record(self, key: str) -> None:
+        """Remove a record by its key (an agent's manifest or a cut); payloads as in drop."""
+        with self._write_lock.held():
+            with self._lock:
+                self._cache.delete(key)
+                freed = self._index.remove(key)
+            self._collect(freed)
+            self._seen_len = len(self._cache)
 
     def sweep(self) -> int:
         """Remove the files of the cache folder no row names and the rows whose file is gone;
@@ -400,21 +577,35 @@ class DiskStore:
                         and not any(sh is not None and sh.v_trans for sh in shape.caches[c]))
             for j in range(lo, min(upto, r.first[c] + len(keys))):
                 key = keys[j - r.first[c]]
-                payload = self._open(key) if in_place else self._read(key, into)
-                if in_place and not isinstance(payload, bytes):  # a file: read in place later
-                    try:
-                        nread += os.fstat(payload.fileno()).st_size
-                        pieces.append(open_block(payload, fingerprint, key[4:], chain[j], c,
-                                                 j * B, B))
-                    except BaseException:
-                        payload.close()
-                        raise
-                    continue
-                nread += len(payload)
-                piece = decode_block(payload, fingerprint, key[4:], chain[j], c, j * B, B,
-                                     self.at_rest)
-                pieces.append(from_rest(shape, piece, self.at_rest, lazy=into is not None))
+                try:
+                    nread += self._load_block(pieces, key, shape, fingerprint, chain[j], c, j * B,
+                                              B, in_place, into)
+                except CorruptEntry as exc:
+                    exc.payload = exc.payload or key  # the damaged payload: dropped and rewritten
+                    exc.record = _record_key(r)
+                    _close_files(pieces)
+                    raise
+                except BaseException:
+                    _close_files(pieces)
+                    raise
         return pieces, nread
+
+    def _load_block(self, pieces: List[seqpieces.Piece], key: str, shape: seqpieces.Shape,
+                    fingerprint: bytes, chain: bytes, c: int, pos0: int, B: int, in_place: bool,
+                    into: Optional[Arena]) -> int:
+        """Append block ``key``'s piece to ``pieces``; return the bytes it takes on disk."""
+        payload = self._open(key) if in_place else self._read(key, into)
+        if in_place and not isinstance(payload, bytes):  # a file: read in place later
+            try:
+                size = os.fstat(payload.fileno()).st_size
+                pieces.append(open_block(payload, fingerprint, key[4:], chain, c, pos0, B))
+            except BaseException:
+                payload.close()
+                raise
+            return size
+        piece = decode_block(payload, fingerprint, key[4:], chain, c, pos0, B, self.at_rest)
+        pieces.append(from_rest(shape, piece, self.at_rest, lazy=into is not None))
+        return len(payload)
 
     def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False
             ) -> Tuple[Optional[Snapshot], int]:
@@ -432,17 +623,25 @@ class DiskStore:
                 with self._lock:
                     self._index.remove(key)
                 return None, 0
-            r = Record.from_bytes(raw)
-            if r.kind != "agent" or r.name != agent_id:
-                raise CorruptEntry("manifest names another agent")
+            try:
+                r = Record.from_bytes(raw)
+                if r.kind != "agent" or r.name != agent_id:
+                    raise CorruptEntry("manifest names another agent")
+            except CorruptEntry as exc:
+                exc.record = key
+                raise
             if r.fingerprint != fingerprint.hex():
                 raise FingerprintMismatch(
                     f"agent {agent_id!r} was saved by another model or context configuration")
             try:
                 if into is not None:
                     into.reset()
-                tail_raw = self._read(r.tail, into)  # type: ignore[arg-type]
-                tail = decode_tail(tail_raw, fingerprint, r.tail[3:], self.at_rest)  # type: ignore[index]
+                try:
+                    tail_raw = self._read(r.tail, into)  # type: ignore[arg-type]
+                    tail = decode_tail(tail_raw, fingerprint, r.tail[3:], self.at_rest)  # type: ignore[index]
+                except CorruptEntry as exc:
+                    exc.payload = r.tail
+                    raise
                 chain = chain_keys(fingerprint, tail.tokens, r.block_tokens)
                 if [c.hex() for c in chain] != r.chain or tail.tokens.shape[0] != r.n_tokens:
                     raise CorruptEntry("manifest and tail disagree on the tokens")
@@ -450,9 +649,10 @@ class DiskStore:
                     raise CorruptEntry("the manifest's blocks are not the ones its tail was saved with")
                 pieces, nread = self._load_blocks(r, tail.shape, fingerprint, chain, len(chain), 0,
                                                   into)
-            except CorruptEntry:
+            except CorruptEntry as exc:
                 if attempt == 0 and self._cache.get(key) != raw:
                     continue  # replaced meanwhile: read the new one
+                exc.record = key
                 raise
             break
         pieces += [from_rest(tail.shape, p, self.at_rest, lazy=into is not None)
@@ -508,16 +708,20 @@ class DiskStore:
         return shared, best, best_r, chain
 
     def find_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int,
-                    scratch: bool = False) -> Tuple[Optional[Snapshot], int]:
+                    scratch: bool = False) -> Tuple[Optional[Snapshot], int, Optional[str]]:
         """The longest stored prefix of ``tokens`` that can be restored exactly, as a snapshot
         of its first ``C`` tokens (C a multiple of block_tokens), and the bytes read.
-        ``scratch`` as in :meth:`get`."""
+        ``scratch`` as in :meth:`get`. Also returns the key of the record it read from."""
         _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa)
         if r is None or j == 0:
-            return None, 0
+            return None, 0, None
         B = r.block_tokens
         C = j * B
-        shape = seqpieces.Shape.from_json(r.shape)
+        try:
+            shape = seqpieces.Shape.from_json(r.shape)
+        except CorruptEntry as exc:
+            exc.record = _record_key(r)
+            raise
         need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
         into = self._arena if scratch else None
         if into is not None:
@@ -525,8 +729,8 @@ class DiskStore:
         pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need, into)
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(_record_key(r))
-        return Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
-                        None), nread
+        return (Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
+                         None), nread, _record_key(r))
 
     def plan_cut(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int) -> int:
         """Where a new shared prefix should be stored: the end of the whole blocks ``tokens``
@@ -537,9 +741,11 @@ class DiskStore:
     # -- model hashes ---------------------------------------------------------------------
 
     def model_hash(self, path: str, compute: Callable[[str], str]) -> str:
-        """Content hash of a model file, cached by (path, size, mtime)."""
-        st = os.stat(path)
-        ident = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}"
+        """Content hash of a model (or adapter) file, cached under what a replaced file cannot
+        keep: its inode, device and change time (which ``rsync -t``, ``cp -p`` and ``tar x``
+        cannot set back, unlike the modification time), its size, and a hash of samples of
+        its bytes (head, tail and 16 spread over it)."""
+        ident = file_identity(path)
         key = "model/" + xxhash.xxh3_128_hexdigest(ident.encode("utf-8", "surrogateescape"))
         try:
             cached = self._cache.get(key)
@@ -547,11 +753,73 @@ class DiskStore:
                 value = cached.decode("ascii")
                 if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
                     return value
-        except (CorruptEntry, UnicodeDecodeError):
+        except Exception:  # noqa: BLE001 - unreadable or a broken database: hash it again
             pass
         value = compute(path)
-        self._cache.set(key, value.encode("ascii"))
+        try:
+            self._cache.set(key, value.encode("ascii"))
+        except Exception as exc:  # noqa: BLE001 - a full disk: hashed again next time
+            log.debug("model hash not cached: %s", exc)
         return value
 
     def close(self) -> None:
         self._cache.close()
+
+
+class NoDisk:
+    """The disk tier when the cache folder cannot be opened at all (a full disk, an I/O
+    error): nothing is stored or found, so agents live in the context and RAM only."""
+
+    nbytes = 0
+    damaged_db = None
+
+    def __init__(self, directory: Path, reason: str) -> None:
+        self.directory = directory
+        self.reason = reason
+
+    def db_bytes(self) -> int:
+        return 0
+
+    def agents(self) -> List[Tuple[Record, int]]:
+        return []
+
+    def cuts(self) -> List[Record]:
+        return []
+
+    def has_agent(self, agent_id: str) -> bool:
+        return False
+
+    def manifest(self, agent_id: str) -> Optional[Record]:
+        return None
+
+    def get(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None, 0
+
+    def find_prefix(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None, 0, None
+
+    def plan_cut(self, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        return 0
+
+    def put(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(f"the cache folder {self.directory} could not be opened ({self.reason})")
+
+    put_cut = put
+
+    def drop(self, agent_id: str) -> bool:
+        return False
+
+    def discard_damaged(self, payload: str) -> List[str]:
+        return []
+
+    def drop_record(self, key: str) -> None:
+        pass
+
+    def recover(self, exc: BaseException) -> bool:
+        return False
+
+    def model_hash(self, path: str, compute: Callable[[str], str]) -> str:
+        return compute(path)
+
+    def close(self) -> None:
+        pass

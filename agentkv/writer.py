@@ -62,7 +62,7 @@ class WriteBehind:
                 try:
                     self._write(agent_id, snap, generation)
                 except Exception:  # noqa: BLE001 - a failed write must not kill the writer
-                    log.exception("writing agent %r to disk failed; it stays in RAM only", agent_id)
+                    log.exception("writing agent %r to disk failed", agent_id)
                 finally:
                     done.set()
                     with self._lock:
