@@ -1,34 +1,54 @@
 """``python -m agentkv``: look after a cache_dir without loading a model.
 
     python -m agentkv ls CACHE_DIR        agents and shared prefixes, tokens and bytes
-    python -m agentkv verify CACHE_DIR    read and check every stored state (exit 1 if damaged)
+    python -m agentkv verify CACHE_DIR    read and check every record, cut and block it names
+                                         (exit 1 if anything is damaged)
     python -m agentkv gc CACHE_DIR        delete payloads no record holds and files no row names
                                          (killed writers' leftovers)
 
-``verify`` checks what can be checked without the model: digests, chain keys, the assembled
-state's structure and digest. Whether a state fits a given model is the fingerprint's job,
-checked when an AgentMemory restores it.
+Every command refuses (exit 2), without creating or deleting anything, a folder that is not an
+agentkv cache. ``verify`` checks what can be checked without the model: the database, every
+record (agents and shared cuts), digests, chain keys, the assembled state's structure and
+digest. Whether a state fits a given model is the fingerprint's job, checked when an
+AgentMemory restores it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import struct
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from . import pieces as seqpieces
-from .errors import AgentKVError
-from .snapshot import check_state
+from .blocks import Record
+from .diskio import DB_NAME, check_database, claim
+from .errors import AgentKVError, CorruptEntry, NotACache
 from .store import DiskStore
 
 
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _store(path: str, at_rest: int = 0) -> DiskStore:
-    if not Path(path).is_dir():
-        raise SystemExit(f"agentkv: {path} is not a directory")
-    return DiskStore(Path(path), budget=1 << 62, at_rest=at_rest)
+    """The cache at ``path``, opened without creating, repairing or collecting anything."""
+    directory = Path(path)
+    try:
+        claim(directory, create=False)
+    except (NotACache, AgentKVError) as exc:
+        raise _Refused(2, f"agentkv: {exc}") from exc
+    problem = check_database(directory / DB_NAME)
+    if problem is not None:
+        raise _Refused(1, f"{DB_NAME}: DAMAGED: {problem}")
+    try:
+        return DiskStore(directory, budget=1 << 62, at_rest=at_rest, create=False, repair=False)
+    except CorruptEntry as exc:
+        raise _Refused(1, f"{DB_NAME}: DAMAGED: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the database cannot even be opened
+        raise _Refused(1, f"{DB_NAME}: cannot be opened: {type(exc).__name__}: {exc}") from exc
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -45,32 +65,42 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(key: str, r: Record) -> str:
+    return r.name if r.kind == "agent" else f"cut {r.name[:16]} ({r.n_tokens} tokens)"
+
+
 def _verify(args: argparse.Namespace) -> int:
     probe = _store(args.cache_dir)
+    stores: Dict[int, DiskStore] = {0: probe}
     bad = 0
     try:
-        records = [r for r, _ in probe.agents()]
-        for r in sorted(records, key=lambda r: r.name):
-            raw = probe._cache.get(r.tail)
-            rest = struct.unpack_from("<H", raw, 6)[0] if raw and len(raw) >= 8 else 0
-            store = probe if rest == 0 else _store(args.cache_dir, rest)
+        rows = probe.record_rows()
+        for key, r in sorted(rows, key=lambda kr: (isinstance(kr[1], Record) and kr[1].kind == "cut",
+                                                    _name(kr))):
+            if isinstance(r, CorruptEntry):
+                print(f"{key}: DAMAGED: {r}")
+                bad += 1
+                continue
+            first = r.tail if r.tail is not None else next((k for ks in r.blocks for k in ks), None)
+            rest = probe.payload_rest(first) if first else 0
+            if rest not in stores:
+                stores[rest] = _store(args.cache_dir, rest)
             try:
-                snap, nread = store.get(r.name, bytes.fromhex(r.fingerprint))
-                if snap is None:
-                    status = "missing"
-                else:  # assembled and parsed as llama.cpp will read it
-                    check_state(seqpieces.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
-                    status = f"ok ({snap.n_tokens} tokens, {nread} bytes read)"
+                nread = stores[rest].check_record(r)
+                status = f"ok ({r.n_tokens} tokens, {nread} bytes read)"
             except (AgentKVError, OSError) as exc:
                 status = f"DAMAGED: {exc}"
                 bad += 1
-            finally:
-                if store is not probe:
-                    store.close()
-            print(f"{r.name}: {status}")
+            print(f"{_describe(key, r)}: {status}")
     finally:
-        probe.close()
+        for s in stores.values():
+            s.close()
     return 1 if bad else 0
+
+
+def _name(kr) -> str:  # type: ignore[no-untyped-def]
+    key, r = kr
+    return r.name if isinstance(r, Record) else key
 
 
 def _gc(args: argparse.Namespace) -> int:
@@ -93,7 +123,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.set_defaults(fn=fn)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except _Refused as exc:
+        print(str(exc), file=sys.stderr if exc.code == 2 else sys.stdout)
+        return exc.code
 
 
 if __name__ == "__main__":

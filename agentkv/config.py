@@ -35,6 +35,8 @@ def parse_size(value: SizeLike, name: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{name} must not be negative, got {value}")
+        if value >= 1 << 63:
+            raise ConfigError(f"{name}={value} is larger than any size agentkv can hold")
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be an int or a string like '512MiB', not {type(value).__name__}")
@@ -44,7 +46,11 @@ def parse_size(value: SizeLike, name: str = "size") -> int:
             f"{name}={value!r} is not a size; use bytes or a number with a unit "
             f"({', '.join(u for u in ('KiB', 'MiB', 'GiB', 'TiB', 'KB', 'MB', 'GB'))})"
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not number < 2.0 ** 63:  # also catches the inf that "1" * 400 parses to
+        raise ConfigError(f"{name}={value[:40]!r}{'...' if len(value) > 40 else ''} is larger "
+                          "than any size agentkv can hold")
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class MemoryConfig:
     ) -> "MemoryConfig":
         if not isinstance(cache_dir, (str, Path)) or str(cache_dir) == "":
             raise ConfigError(f"cache_dir must be a path, not {cache_dir!r}")
+        if "\0" in str(cache_dir):
+            raise ConfigError(f"cache_dir must not contain a NUL character: {str(cache_dir)!r}")
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or \
                 not 16 <= block_tokens <= 65536:
             raise ConfigError(f"block_tokens must be an int in 16..65536, not {block_tokens!r}")

@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard depe
 
 from . import state as seqstate
 from . import pieces as seqpieces
-from .errors import CorruptEntry, NotALlama, RestoreFailed
+from .errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
 from .laid import LaidState, lay_out
 from .settings import ADAPTERS, settings_of
 from .snapshot import Parts, Snapshot, check_state
@@ -75,6 +75,7 @@ class Engine:
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
         self.swa_full = bool(llm.context_params.swa_full)
         self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
+        self._exact = 0  # positions whose KV a cold prefill reproduces (see cold_exact)
         self._installed = False
         self._scratch = np.empty(0, dtype=np.uint8)
         # Restores lay the state out in this buffer, whose pages stay mapped (a fresh one
@@ -92,6 +93,31 @@ class Engine:
         self.plan_cut: Optional[Callable[[np.ndarray, int], int]] = None
         self.on_cut: Optional[Callable[[int], None]] = None
         self.on_first_token: Optional[Callable[[], None]] = None  # generate made its first token
+
+    def check_format(self) -> None:
+        """Decide from a real state whether this llama.cpp writes the format agentkv parses:
+        evaluate one token, parse the sequence state (and its layers' types and row sizes
+        against the model), then empty the context. Raises UnsupportedLlamaCpp naming the
+        versions agentkv was tested with and what did not match."""
+        llm = self.llm
+        self.clear()
+        try:
+            Llama.eval(llm, [int(llm.token_bos()) if llm.token_bos() >= 0 else 0])
+            blob = self._state(_SEQ)
+            parsed = check_state(blob, 1)
+            n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+            for c in parsed.caches:
+                stream = c.only_stream()
+                if stream is not None and not 0 < len(stream.k) <= n_layer:
+                    raise CorruptEntry(f"a cache section holds {len(stream.k)} layers; the "
+                                       f"model has {n_layer}")
+        except CorruptEntry as exc:
+            raise UnsupportedLlamaCpp(
+                f"llama-cpp-python {llama_cpp.__version__} writes a sequence state agentkv "
+                f"cannot read ({exc}); agentkv was tested with llama-cpp-python "
+                f"{', '.join(SUPPORTED_LLAMA_CPP)}") from exc
+        finally:
+            self.clear()
 
     # -- identity -------------------------------------------------------------------------
 
@@ -145,6 +171,7 @@ class Engine:
         self.llm.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), False)
         self._floor = 0
+        self._exact = 0
 
     # -- snapshot / restore ---------------------------------------------------------------
 
@@ -204,12 +231,12 @@ class Engine:
                     if laid and self.swa_full and swa.pos_min == 0:
                         kept = lay_out(whole, parsed, 1, keep_from, _SEQ)
                         if kept is not None:
-                            return Snapshot(tokens, kept, logits)
+                            return Snapshot(tokens, kept, logits, self.cold_exact)
                     return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ),
-                                    logits)
+                                    logits, self.cold_exact)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
                 log.debug("whole-context state not trimmable (%s); saving the sequence state", exc)
-        return Snapshot(tokens, self._state(_SEQ), logits)
+        return Snapshot(tokens, self._state(_SEQ), logits, self.cold_exact)
 
     def restore(self, snap: Snapshot) -> None:
         """Make ``snap`` the live sequence; raise CorruptEntry/RestoreFailed (context cleared)."""
@@ -238,6 +265,7 @@ class Engine:
         self.llm.n_tokens = n
         self.llm._requires_eval = not self._put_logits(snap.logits)
         self._floor = floor
+        self._exact = min(snap.exact, n)
 
     def _put_logits(self, logits: Optional[np.ndarray]) -> bool:
         """Write carried logits into the context's last output row, so that generate samples
@@ -319,15 +347,41 @@ class Engine:
     # -- the generate guard ---------------------------------------------------------------
 
     def install(self) -> None:
-        """Route the Llama's ``generate`` through the guard (an instance attribute)."""
+        """Route the Llama's ``generate`` through the guard, and its ``eval`` through the
+        batch bookkeeping of :attr:`cold_exact` (instance attributes)."""
         if not self._installed:
             self.llm.generate = self._guarded_generate  # type: ignore[method-assign]
+            self.llm.eval = self._tracked_eval  # type: ignore[method-assign]
             self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:
             self.llm.__dict__.pop("generate", None)
+            self.llm.__dict__.pop("eval", None)
             self._installed = False
+
+    @property
+    def cold_exact(self) -> int:
+        """How many leading positions of the live KV a cold prefill reproduces bit for bit.
+
+        llama.cpp rounds a token's KV differently depending on the batch it was evaluated in,
+        and ``Llama.eval`` cuts a prompt into batches of ``n_batch`` from its first token. So
+        the KV of positions evaluated from 0 in whole ``n_batch`` batches (an agent's first
+        prefill, or a prefill that continues such a run from a multiple of ``n_batch``) is what
+        a cold run of any prompt that starts with those tokens computes; KV evaluated later
+        (a second turn's prompt, generated tokens) depends on the turns that made it.
+        """
+        return min(self._exact, int(self.llm.n_tokens))
+
+    def _tracked_eval(self, tokens: Sequence[int]) -> None:
+        llm = self.llm
+        p = int(llm.n_tokens)
+        nb = int(llm.n_batch)
+        exact = min(self._exact, p)
+        if p == exact and p % nb == 0:
+            exact = p + (len(tokens) // nb) * nb
+        self._exact = exact
+        Llama.eval(llm, tokens)
 
     def _rollback_is_exact(self, reuse: int) -> bool:
         """Can the token at position ``reuse`` be evaluated on the KV now in the context?

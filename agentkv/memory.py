@@ -79,6 +79,14 @@ class AgentMemory:
         share_prefixes: restore a new agent from the longest stored prefix of its prompt
             (another agent's blocks count), and store a prefix that agents share, with the
             window an SWA model needs, the first time a second agent evaluates it.
+            True (default): only KV that a cold prefill of the new agent's prompt computes
+            bit for bit is shared: positions another agent evaluated in its first prefill (or
+            in a prefill continuing one), cut at a multiple of ``n_batch``; the new agent's
+            output then equals a cold run of its own prompt. ``"any"``: share every stored
+            block whose tokens match (a forked conversation restores the other agent's
+            turns too); the output then equals a run that evaluated the prefix the way the
+            other agent did, which can differ from a cold run in the last bits of the logits
+            (and so, at a near-tie, in a token). False: no sharing.
         at_rest: None (default: exact) or a quantized row format for float16 KV on disk:
             "q8_0", "q4_0", "q4_1" or "iq4_nl" (ggml's layouts). Smaller and not exact:
             restores from disk are close to, not equal to, a never-evicted agent (RAM restores
@@ -94,14 +102,17 @@ class AgentMemory:
 
     def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
                  ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB",
-                 block_tokens: int = 256, share_prefixes: bool = True,
+                 block_tokens: int = 256, share_prefixes: Union[bool, str] = True,
                  at_rest: Optional[str] = None, ram_laid_out: bool = True) -> None:
         self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
         if not isinstance(ram_laid_out, bool):
             raise ConfigError(f"ram_laid_out must be True or False, not {ram_laid_out!r}")
         self._laid = ram_laid_out
+        if share_prefixes not in (True, False, "any"):
+            raise ConfigError(f"share_prefixes must be True, False or 'any', not {share_prefixes!r}")
         self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
         rest = code_of(at_rest)
+        self._engine.check_format()  # UnsupportedLlamaCpp before anything is written
         self._closed = True  # until the end of __init__
         self._take_over(llm)
         self._store = self._open_store(rest)
@@ -126,6 +137,7 @@ class AgentMemory:
         self._engine.clear()  # whatever the Llama held belongs to no agent
         self._engine.on_prompt = self._count_prompt
         self._engine.block_tokens = self._config.block_tokens
+        self._align = 0 if share_prefixes == "any" else int(llm.n_batch)
         if share_prefixes:
             self._engine.on_cold_prompt = self._restore_prefix
             self._engine.plan_cut = self._plan_cut
@@ -576,7 +588,7 @@ class AgentMemory:
         source = None
         try:
             snap, nread, source = self._store.find_prefix(
-                prompt, self._fingerprint, self._engine.n_swa, scratch=True)
+                prompt, self._fingerprint, self._engine.n_swa, scratch=True, align=self._align)
             if snap is None:
                 return
             self._engine.restore(snap)
@@ -609,7 +621,8 @@ class AgentMemory:
             return 0  # only a context evaluated from the start can store a shared prefix
         self._wait_writer()
         try:
-            return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa)
+            return self._store.plan_cut(prompt, self._fingerprint, self._engine.n_swa,
+                                        self._align)
         except Exception as exc:  # noqa: BLE001
             self._store_failed("planning a shared prefix", exc)
             return 0

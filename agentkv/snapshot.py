@@ -47,11 +47,15 @@ class Snapshot:
             for the restore; ``nbytes`` counts the RAM it owns).
         logits: float32 logits after the last token, when the context had them; a restore
             that carries them lets the next turn sample at once instead of replaying a token.
+        exact: positions ``0 .. exact-1`` hold the KV a cold prefill of any prompt that starts
+            with these tokens computes, bit for bit (see :meth:`Engine.cold_exact`): the part
+            another agent may share without departing from its own cold run.
     """
 
     tokens: np.ndarray
     state: Union[Buffer, Parts, LaidState]
     logits: Optional[np.ndarray] = None
+    exact: int = 0
 
     @property
     def n_tokens(self) -> int:

@@ -29,13 +29,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import sqlite3
+import math
 import os
+import sqlite3
+import struct
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import diskcache
 import numpy as np
@@ -51,7 +53,7 @@ from .diskio import (DB_NAME, Arena, SafeDisk, StoreLock, check_database, claim,
 from .errors import CorruptEntry, FingerprintMismatch, StoreBusy
 from .laid import LaidState
 from .recindex import RecordIndex
-from .snapshot import Parts, Snapshot
+from .snapshot import Parts, Snapshot, check_state
 
 __all__ = ["DiskStore", "NoDisk", "agent_key", "file_identity"]
 
@@ -269,6 +271,58 @@ class DiskStore:
             if k not in held:
                 self._cache.delete(k)
 
+    # -- checks (python -m agentkv verify) -------------------------------------------------
+
+    def record_rows(self) -> List[Tuple[str, Union[Record, CorruptEntry]]]:
+        """Every row that should hold a record, parsed, or the reason it does not parse (a
+        record stored under another record's key, as a swap of two rows leaves it, included)."""
+        out: List[Tuple[str, Union[Record, CorruptEntry]]] = []
+        for key in list(self._cache.iterkeys()):
+            if not isinstance(key, str) or not key.startswith(("agent/", "cut/")):
+                continue
+            try:
+                raw = self._cache.get(key)
+                if raw is None:
+                    continue
+                r = Record.from_bytes(raw)
+                if _record_key(r) != key:
+                    raise CorruptEntry("record is stored under another record's key")
+                out.append((key, r))
+            except CorruptEntry as exc:
+                out.append((key, exc))
+        return out
+
+    def check_record(self, r: Record) -> int:
+        """Read and check everything ``r`` names (digests, chain keys, the tail); raise
+        CorruptEntry if anything is damaged or missing. Returns the bytes read."""
+        fingerprint = bytes.fromhex(r.fingerprint)
+        if r.kind == "agent":
+            snap, nread = self.get(r.name, fingerprint)
+            if snap is None:
+                raise CorruptEntry("manifest vanished while it was checked")
+            check_state(seqpieces.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
+            return nread
+        shape = seqpieces.Shape.from_json(r.shape)
+        try:
+            chain = [bytes.fromhex(c) for c in r.chain]
+        except ValueError as exc:
+            raise CorruptEntry(f"cut's chain keys are not hex: {exc}") from exc
+        _, nread = self._load_blocks(r, shape, fingerprint, chain, len(chain), 0)
+        return nread
+
+    def payload_rest(self, key: str) -> int:
+        """The at-rest format a payload's header names (0 if unreadable)."""
+        try:
+            f = self._open(key)
+        except CorruptEntry:
+            return 0
+        if isinstance(f, bytes):
+            head = f[:8]
+        else:
+            with f:
+                head = f.read(8)
+        return struct.unpack_from("<H", head, 6)[0] if len(head) >= 8 else 0
+
     # -- queries --------------------------------------------------------------------------
 
     @property
@@ -387,7 +441,7 @@ class DiskStore:
         now = time.time()
         r = Record("agent", agent_id, snap.n_tokens, self.block_tokens, [c.hex() for c in chain],
                    first, [[k for k, _ in bs] for bs in blocks], fingerprint.hex(), now,
-                   tail="kv/" + tail_key, shape=shape.to_json())
+                   tail="kv/" + tail_key, shape=shape.to_json(), exact=snap.exact)
         r.last_used = now
         key = agent_key(agent_id)
         with self._write_lock.held():
@@ -419,7 +473,7 @@ class DiskStore:
         now = time.time()
         r = Record("cut", chain[-1].hex(), snap.n_tokens, self.block_tokens,
                    [c.hex() for c in chain], first, [[k for k, _ in bs] for bs in blocks],
-                   fingerprint.hex(), now, shape=shape.to_json())
+                   fingerprint.hex(), now, shape=shape.to_json(), exact=snap.exact)
         r.last_used = now
         key = "cut/" + r.name
         with self._write_lock.held():
@@ -659,7 +713,7 @@ class DiskStore:
                    for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(key)
-        return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits),
+        return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits, r.exact),
                 nread + len(tail_raw))
 
     def _touch(self, key: str) -> None:
@@ -671,19 +725,23 @@ class DiskStore:
 
     # -- shared prefixes ------------------------------------------------------------------
 
-    def _restorable_cut(self, r: Record, depth: int, n_swa: int) -> int:
-        """The deepest whole-block cut ``<= depth`` blocks that ``r`` can restore exactly."""
+    def _restorable_cut(self, r: Record, depth: int, n_swa: int, align: int) -> int:
+        """The deepest whole-block cut ``<= depth`` blocks that ``r`` can restore exactly
+        (``align``: and that a cold prefill reproduces: a multiple of ``align`` within the
+        record's cold-exact positions)."""
         B = r.block_tokens
         lo0, hi0 = r.covers(0)
         depth = min(depth, hi0) if lo0 == 0 else 0
         for j in range(depth, 0, -1):
             C = j * B
+            if align and (C % align or C > r.exact):
+                continue
             need = max(0, C - n_swa + 1) // B if n_swa > 0 else 0
             if all(r.covers(c)[0] <= need and j <= r.covers(c)[1] for c in range(1, len(r.blocks))):
                 return j
         return 0
 
-    def _best_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int
+    def _best_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int, align: int
                      ) -> Tuple[int, int, Optional[Record], List[bytes]]:
         """(shared blocks, restorable blocks, record to restore from, chain of tokens)."""
         B = self.block_tokens
@@ -702,17 +760,20 @@ class DiskStore:
                         break
                     k += 1
                 shared = max(shared, k)
-                j = self._restorable_cut(r, k, n_swa)
+                j = self._restorable_cut(r, k, n_swa, align)
                 if j > best:
                     best, best_r = j, r
         return shared, best, best_r, chain
 
     def find_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int,
-                    scratch: bool = False) -> Tuple[Optional[Snapshot], int, Optional[str]]:
+                    scratch: bool = False, align: int = 0
+                    ) -> Tuple[Optional[Snapshot], int, Optional[str]]:
         """The longest stored prefix of ``tokens`` that can be restored exactly, as a snapshot
         of its first ``C`` tokens (C a multiple of block_tokens), and the bytes read.
-        ``scratch`` as in :meth:`get`. Also returns the key of the record it read from."""
-        _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa)
+        ``align`` (n_batch): only a prefix a cold prefill of ``tokens`` reproduces bit for bit
+        (see Record.exact). ``scratch`` as in :meth:`get`. Also returns the key of the record
+        it read from."""
+        _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa, align)
         if r is None or j == 0:
             return None, 0, None
         B = r.block_tokens
@@ -730,13 +791,20 @@ class DiskStore:
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(_record_key(r))
         return (Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
-                         None), nread, _record_key(r))
+                         None, min(C, r.exact)), nread, _record_key(r))
 
-    def plan_cut(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int) -> int:
+    def plan_cut(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int, align: int = 0) -> int:
         """Where a new shared prefix should be stored: the end of the whole blocks ``tokens``
-        shares with stored states, when no record can restore that deep yet; else 0."""
-        shared, best, _, _ = self._best_prefix(tokens, fingerprint, n_swa)
-        return shared * self.block_tokens if shared > best else 0
+        shares with stored states (``align``: rounded down to a multiple of it and of the
+        block, so that the cut is what a cold prefill computes), when no record can restore
+        that deep yet; else 0."""
+        shared, best, _, _ = self._best_prefix(tokens, fingerprint, n_swa, align)
+        B = self.block_tokens
+        cut = shared * B
+        if align:
+            step = B * align // math.gcd(B, align)
+            cut = cut // step * step
+        return cut if cut > best * B else 0
 
     # -- model hashes ---------------------------------------------------------------------
 

@@ -64,3 +64,19 @@ def payload_files(cache_dir) -> List[str]:
     for root, _, files in os.walk(cache_dir):
         found += [os.path.join(root, f) for f in files if f.endswith(".val")]
     return sorted(found)
+
+
+_BUGS = ("NameError", "AttributeError", "TypeError", "UnboundLocalError", "KeyError",
+         "IndexError", "AssertionError", "ImportError")
+
+
+@pytest.fixture(autouse=True)
+def _no_hidden_bugs(caplog):
+    """agentkv logs and survives what the store raises; a programming error logged that way
+    would pass unseen, so any agentkv log line naming one fails the test."""
+    yield
+    for rec in caplog.records:
+        if rec.name.startswith("agentkv") and rec.levelno >= 30:
+            text = rec.getMessage() + (str(rec.exc_info[1]) if rec.exc_info else "")
+            hit = [b for b in _BUGS if b in text or (rec.exc_info and rec.exc_info[0].__name__ == b)]
+            assert not hit, f"agentkv logged a programming error: {text}"
