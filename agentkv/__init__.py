@@ -7,7 +7,8 @@
 
 from .config import MemoryConfig, parse_size
 from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
-                     MemoryClosed, NotALlama, RestoreFailed, TurnInProgress, UnknownAgent)
+                     MemoryClosed, NotACache, NotALlama, RestoreFailed, StoreBusy, TurnInProgress,
+                     UnknownAgent, UnsupportedLlamaCpp)
 from .memory import AgentMemory
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
@@ -26,9 +27,12 @@ __all__ = [
     "FingerprintMismatch",
     "InvalidAgentId",
     "MemoryClosed",
+    "NotACache",
     "NotALlama",
     "RestoreFailed",
+    "StoreBusy",
     "TurnInProgress",
     "UnknownAgent",
+    "UnsupportedLlamaCpp",
     "__version__",
 ]

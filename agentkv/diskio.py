@@ -4,6 +4,7 @@ process using the cache, and a read buffer reused from one restore to the next."
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -253,7 +254,9 @@ def claim(directory: Path, create: bool) -> None:
     except ConfigError:
         raise
     except OSError as exc:
-        raise ConfigError(f"cache_dir {directory} cannot be made a cache: {exc}") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+            raise ConfigError(f"cache_dir {directory} cannot be made a cache: {exc}") from exc
+        raise  # a full disk, an I/O error: the memory opens without its disk tier
 
 
 def database_damage(exc: BaseException) -> Optional[str]:

@@ -294,6 +294,8 @@ class Engine:
         try:
             blob = seqpieces.assemble(shape, pieces, front, out=self._assembly_buffer,
                                      written=self._asm_dirty)
+        except CorruptEntry:
+            raise  # keeps the key of the damaged payload
         except ValueError as exc:
             raise CorruptEntry(f"stored pieces do not assemble: {exc}") from exc
         parsed = check_state(blob, n)

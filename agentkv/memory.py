@@ -262,11 +262,12 @@ class AgentMemory:
             if self._live == agent_id:
                 self._evict_live()
                 known = True
+            held = self._ram.peek(agent_id)
+            if held is not None:
+                self._rewrite_if_lost(agent_id, held)  # a save that failed gets another try
             self._wait_writer(agent_id)
-            with self._state_lock:
-                wanted = self._wanted.get(agent_id)
-                durable = wanted is None or self._durable.get(agent_id) == wanted
-            if self._ram.peek(agent_id) is not None:
+            durable = self._is_durable(agent_id)
+            if held is not None:
                 known = True
                 if not durable:
                     log.warning("agent %r: its KV could not be written to disk; it stays in RAM",
@@ -392,7 +393,9 @@ class AgentMemory:
                 self._writer_may_run.set()  # the turn made no token (or made them all)
                 self._engine.scrub()  # ready for the next disk restore, outside its TTFT
                 while self._pushed_out:  # what RAM pushed out is durable before the next turn
-                    self._wait_writer(self._pushed_out.pop()[0])
+                    victim, pushed = self._pushed_out.pop()
+                    self._rewrite_if_lost(victim, pushed)
+                    self._wait_writer(victim)
                 self._turn_record = None
                 self._last_used[agent_id] = time.time()
                 self.last_turn = record
@@ -490,6 +493,7 @@ class AgentMemory:
             if defer:  # held until then too: unmapping a snapshot's pages takes a while
                 self._pushed_out.append((victim, pushed))
             else:
+                self._rewrite_if_lost(victim, pushed)
                 self._wait_writer(victim)
 
     def _restore(self, agent_id: str, snap: Optional[Snapshot]) -> str:
@@ -574,7 +578,23 @@ class AgentMemory:
 
     def _flush_locked(self) -> None:
         self._save_live()
+        for agent_id, snap in self._ram.items():
+            self._rewrite_if_lost(agent_id, snap)
         self._wait_writer()
+
+    def _is_durable(self, agent_id: str) -> bool:
+        with self._state_lock:
+            wanted = self._wanted.get(agent_id)
+            return wanted is None or self._durable.get(agent_id) == wanted
+
+    def _rewrite_if_lost(self, agent_id: str, snap: Snapshot) -> None:
+        """Queue the write of a snapshot whose save failed (a full disk, since freed)."""
+        self._writer.wait(agent_id)
+        with self._state_lock:
+            generation = self._wanted.get(agent_id)
+            lost = generation is not None and self._durable.get(agent_id) != generation
+        if lost:
+            self._writer.submit(agent_id, snap, generation)
 
     # -- shared prefixes ------------------------------------------------------------------
 
