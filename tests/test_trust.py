@@ -537,6 +537,7 @@ def test_a_forked_conversation_answers_exactly_like_a_cold_run(llm, tmp_path):
         a1 = answer(mem.create_completion("A", first, max_tokens=16, temperature=0))
         second = f"{first}{a1}\nNotes: {NOTES}\nQuestion: and topic 5?\nAnswer:"
         a2 = answer(mem.create_completion("A", second, max_tokens=16, temperature=0))
+        mem.flush()
         assert mem._store.manifest("A").n_tokens >= 800
         fork = f"{second}{a2}\nQuestion: summarise both answers.\nAnswer:"
         got = {}
