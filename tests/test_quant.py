@@ -225,3 +225,13 @@ def test_forced_twin_in_a_subprocess():
     assert runs["1"][0] == "numpy"
     assert runs[""][0] == ("numpy" if quant.NATIVE is None else "native")
     assert runs["1"][1] == runs[""][1]
+
+
+def test_the_native_kernels_were_built():
+    """A build without them must fail the suite, not skip the native tests: only
+    AGENTKV_PUREPYTHON=1 says that the numpy twins alone are wanted."""
+    if os.environ.get("AGENTKV_PUREPYTHON", "") not in ("", "0"):
+        assert quant.BACKEND == "numpy"
+        return
+    assert quant.NATIVE is not None, "agentkv's native kernels did not build or load"
+    assert quant.BACKEND == "native"
