@@ -324,6 +324,10 @@ class Record:
             if _depth(text) > _RECORD_DEPTH:
                 raise CorruptEntry("record is nested deeper than any record agentkv writes")
             d = json.loads(text, parse_constant=_refuse_constant)
+            if isinstance(d, dict) and type(d.get("v")) is int and d["v"] > _RECORD_VERSION:
+                err = CorruptEntry(f"record version {d['v']} is newer than this agentkv's")
+                err.future = True  # another agentkv's: never dropped as damage
+                raise err
             if not isinstance(d, dict) or d.get("v") != _RECORD_VERSION:
                 raise CorruptEntry(f"record version {d.get('v') if isinstance(d, dict) else d!r} "
                                    "is not supported")

@@ -82,6 +82,7 @@ class CorruptEntry(AgentKVError, ValueError):
 
     payload: "str | None" = None
     record: "str | None" = None  # the key of the record being read, where it is known
+    future = False  # written by a newer agentkv: not damage
 
 
 class FingerprintMismatch(AgentKVError, ValueError):

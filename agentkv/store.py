@@ -115,6 +115,7 @@ class DiskStore:
         self.at_rest = at_rest
         self._lock = threading.RLock()
         self._arena = Arena()  # scratch reads (one restore at a time: AgentMemory's turn)
+        self._damaged_rows: Set[str] = set()  # record rows that do not parse (dropped at open)
         self.damaged_db: Optional[Path] = None  # where a damaged database was moved aside
         self._open_db(repair)
         if create:
@@ -190,6 +191,7 @@ class DiskStore:
         unless another process is writing right now."""
         try:
             with self._write_lock.held(timeout=0.5):
+                self._drop_damaged_rows()
                 self._collect_unheld()
         except StoreBusy:
             pass
@@ -199,6 +201,24 @@ class DiskStore:
     def db_bytes(self) -> int:
         """Bytes of the SQLite files (counted against the budget with the payloads)."""
         return self._db_bytes()
+
+    def _drop_damaged_rows(self) -> None:
+        """Delete record rows that do not parse (found by the scan; still damaged now): they
+        can never be restored, and a newer agentkv's records are left alone."""
+        damaged, self._damaged_rows = self._damaged_rows, set()
+        for key in damaged:
+            raw = self._cache.get(key)
+            if raw is None:
+                continue
+            try:
+                r = Record.from_bytes(raw)
+                if _record_key(r) == key:
+                    continue  # rewritten meanwhile
+            except CorruptEntry as exc:
+                if exc.future:
+                    continue
+            log.warning("dropping the damaged record %s", key)
+            self._cache.delete(key)
 
     def _db_bytes(self) -> int:
         """Bytes of the SQLite files, which the disk budget counts too."""
@@ -225,6 +245,8 @@ class DiskStore:
                     raise CorruptEntry("record is stored under another record's key")
             except CorruptEntry as exc:
                 log.warning("ignoring unreadable record %s: %s", key, exc)
+                if not exc.future:
+                    self._damaged_rows.add(key)
                 continue
             found[key] = r
         return found
