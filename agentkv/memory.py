@@ -684,9 +684,14 @@ class AgentMemory:
                 _, written = self._store.put(agent_id, snap, self._fingerprint,
                                              self._yield_to_restores)
         except Exception as exc:  # noqa: BLE001
-            what = ("storing a shared prefix" if isinstance(agent_id, tuple) else
-                    f"saving agent {agent_id!r} (its KV is in RAM while the RAM budget lets it "
-                    "stay; a later save or a prefill restores it)")
+            if isinstance(agent_id, tuple):
+                what = "storing a shared prefix"
+            elif self._config.ram_budget == 0:
+                what = (f"saving agent {agent_id!r} (ram_budget=0: once it leaves the context "
+                        "its KV is gone, and its next turn prefills)")
+            else:
+                what = (f"saving agent {agent_id!r} (its KV stays in RAM, and is written again "
+                        "by flush(), evict() or when RAM pushes it out)")
             self._store_failed(what, exc)
             return
         with self._state_lock:

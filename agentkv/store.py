@@ -231,21 +231,12 @@ class DiskStore:
     # -- the in-memory index --------------------------------------------------------------
 
     def _scan(self) -> Dict[str, Record]:
-        """Every readable record on disk, by key."""
+        """Every readable record on disk, by key (unreadable ones are noted, to be dropped)."""
         found: Dict[str, Record] = {}
-        for key in list(self._cache.iterkeys()):
-            if not isinstance(key, str) or not key.startswith(("agent/", "cut/")):
-                continue
-            try:
-                raw = self._cache.get(key)
-                if raw is None:
-                    continue
-                r = Record.from_bytes(raw)
-                if _record_key(r) != key:
-                    raise CorruptEntry("record is stored under another record's key")
-            except CorruptEntry as exc:
-                log.warning("ignoring unreadable record %s: %s", key, exc)
-                if not exc.future:
+        for key, r in self.record_rows():
+            if isinstance(r, CorruptEntry):
+                log.warning("ignoring unreadable record %s: %s", key, r)
+                if not r.future:
                     self._damaged_rows.add(key)
                 continue
             found[key] = r

@@ -67,3 +67,8 @@ def test_sdist_installs_beside_a_users_llama_cpp_and_loads_its_kernels(tmp_path)
                          cwd=tmp_path, env=env).stdout.split()
     from agentkv import __version__
     assert got == [__version__, "native", "True", llama_cpp.__version__]
+
+    subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "agentkv"], check=True)
+    out = subprocess.run(pip + [str(REPO)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _digest(site) == before, "pip install of the repository replaced llama-cpp-python"

@@ -3,6 +3,7 @@ user, on the real model, real files, a real full disk (tmpfs) and real SQLite da
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -260,18 +261,24 @@ def test_a_damaged_cache_db_opens_degraded_and_verify_says_so(llm, tmp_path, dam
 
 # -- 6. a full disk ----------------------------------------------------------------------------
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem of 24 MiB (tmpfs), so that writes really fail with ENOSPC."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+@contextlib.contextmanager
+def tmpfs(mnt, options):
+    """A real filesystem of our own at ``mnt`` (root only: skipped, with the reason, else)."""
+    mnt.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+        pytest.skip("mounting a tmpfs (a real full or read-only disk) needs root")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 24 MiB, so that writes really fail with ENOSPC."""
+    with tmpfs(tmp_path / "disk", "size=24m") as mnt:
+        yield mnt
 
 
 def fill(mnt, name="filler"):
@@ -436,16 +443,9 @@ def test_bad_sizes_and_paths_are_config_errors(llm, tmp_path):
             parse_size(bad)
     with pytest.raises(ConfigError, match="NUL"):
         AgentMemory(llm, cache_dir=str(tmp_path) + "/a\0b")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a read-only filesystem")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         with pytest.raises(ConfigError, match=str(ro)):
             AgentMemory(llm, cache_dir=ro)
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 def test_a_cache_dir_deleted_while_open_is_recreated_by_the_next_save(llm, tmp_path):
