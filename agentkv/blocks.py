@@ -342,12 +342,13 @@ class Record:
             if isinstance(exc, CorruptEntry):
                 raise
             raise CorruptEntry(f"record does not parse: {exc}") from exc
-        ok = (r.kind in ("agent", "cut") and r.block_tokens > 0
-              and len(r.first) == len(r.blocks) and all(k.startswith("blk/")
+        ok = (r.kind in ("agent", "cut") and r.block_tokens > 0 and _hex32(r.fingerprint)
+              and all(_hex32(c) for c in r.chain)
+              and len(r.first) == len(r.blocks) and all(k.startswith("blk/") and _hex32(k[4:])
                                                          for ks in r.blocks for k in ks)
               and len(r.chain) * r.block_tokens <= r.n_tokens and r.exact <= r.n_tokens
               and all(f + len(b) <= len(r.chain) for f, b in zip(r.first, r.blocks))
-              and (r.tail is None or r.tail.startswith("kv/"))
+              and (r.tail is None or (r.tail.startswith("kv/") and _hex32(r.tail[3:])))
               and (r.shape is None or isinstance(r.shape, dict))
               and (r.kind == "agent") == (r.tail is not None))
         if not ok:
@@ -374,6 +375,14 @@ def _depth(text: str) -> int:
         elif ch in "]}":
             depth -= 1
     return best
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _hex32(s: str) -> bool:
+    """A 128-bit digest as agentkv writes it: 32 lowercase hex digits."""
+    return len(s) == 32 and _HEX.issuperset(s)
 
 
 def _refuse_constant(name: str) -> Any:

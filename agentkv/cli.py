@@ -88,8 +88,9 @@ def _verify(args: argparse.Namespace) -> int:
             try:
                 nread = stores[rest].check_record(r)
                 status = f"ok ({r.n_tokens} tokens, {nread} bytes read)"
-            except (AgentKVError, OSError) as exc:
-                status = f"DAMAGED: {exc}"
+            except Exception as exc:  # noqa: BLE001 - whatever damage raises is reported
+                status = f"DAMAGED: {exc}" if isinstance(exc, (AgentKVError, OSError)) else \
+                    f"DAMAGED: {type(exc).__name__}: {exc}"
                 bad += 1
             print(f"{_describe(key, r)}: {status}")
     finally:

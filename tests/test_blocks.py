@@ -121,8 +121,10 @@ def test_fuzz_tail_and_block_readers(blob, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_record_reader(data):
-    good = Record("agent", "a", 300, 64, ["ab"] * 4, [0, 2], [["blk/1"] * 4, ["blk/2"] * 2],
-                  FP.hex(), 1.0, tail="kv/9", shape={"seq_id": 0, "caches": []})
+    h = [f"{i:032x}" for i in range(4)]  # digests as agentkv writes them: 32 hex digits
+    good = Record("agent", "a", 300, 64, [h[0]] * 4, [0, 2],
+                  [["blk/" + h[1]] * 4, ["blk/" + h[2]] * 2], FP.hex(), 1.0, tail="kv/" + h[3],
+                  shape={"seq_id": 0, "caches": []})
     assert Record.from_bytes(good.to_bytes()) == good
     try:
         Record.from_bytes(_mutate(data, good.to_bytes()))
