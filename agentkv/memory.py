@@ -112,9 +112,9 @@ class AgentMemory:
             raise ConfigError(f"share_prefixes must be True, False or 'any', not {share_prefixes!r}")
         self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
         rest = code_of(at_rest)
-        self._engine.check_format()  # UnsupportedLlamaCpp before anything is written
         self._closed = True  # until the end of __init__
-        self._take_over(llm)
+        self._take_over(llm)  # a previous memory of this Llama flushes its agents first
+        self._engine.check_format()  # UnsupportedLlamaCpp before anything is written
         self._store = self._open_store(rest)
         self._rest = rest
         self._fingerprint = self._make_fingerprint()
