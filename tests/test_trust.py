@@ -549,3 +549,54 @@ def test_a_forked_conversation_answers_exactly_like_a_cold_run(llm, tmp_path):
         assert out == text and np.array_equal(lg, logits), (name, turn)
     # the shared part is still shared: B1 stores it as a cut (A's window does not reach it)
     assert got["B2"][0].source == "prefix" and got["B2"][0].prompt_tokens_restored >= 512
+
+
+# -- 1b. LoRA adapters by file content and scale -----------------------------------------------
+
+def write_lora(path, seed, rank=8):
+    """A real LoRA adapter GGUF for the default model: low-rank A/B on block 0's K projection."""
+    gguf = pytest.importorskip("gguf")  # the gguf package (dev extra) writes adapter files
+    reader = gguf.GGUFReader(MODEL_PATH)
+    target = next(t for t in reader.tensors if t.name == "blk.0.attn_k.weight")
+    n_in, n_out = int(target.shape[0]), int(target.shape[1])  # ggml order: ne0, ne1
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(rank))
+    w.add_tensor("blk.0.attn_k.weight.lora_a", (rng.standard_normal((rank, n_in)) * 0.05
+                                                ).astype(np.float32))
+    w.add_tensor("blk.0.attn_k.weight.lora_b", (rng.standard_normal((n_out, rank)) * 0.05
+                                                ).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_kv_saved_under_other_lora_adapters_is_never_restored(llm, tmp_path):
+    adapter = write_lora(tmp_path / "adapter.gguf", seed=1)
+    cache = tmp_path / "cache"
+    save(llm, cache, ("a", PROMPT))
+    fps = {}
+    for label, kw in [("lora", dict(lora_path=adapter)),
+                      ("scaled", dict(lora_path=adapter, lora_scale=0.5))]:
+        other = make_llm(**kw)
+        try:
+            text, logits = cold(other, PROMPT + MORE)
+            with AgentMemory(other, cache_dir=cache, ram_budget=0) as mem:
+                fps[label] = mem.fingerprint
+                out = mem.create_completion("a", PROMPT + MORE, max_tokens=8, temperature=0)
+                assert mem.last_turn.source == "cold"  # saved without it / at another scale
+                assert answer(out) == text and np.array_equal(last_logits(other), logits)
+        finally:
+            other.close()
+    assert fps["lora"] != fps["scaled"]
+    write_lora(tmp_path / "adapter.gguf", seed=2)  # same path, other weights
+    other = make_llm(lora_path=adapter)
+    try:
+        with AgentMemory(other, cache_dir=cache, ram_budget=0) as mem:
+            assert mem.fingerprint not in fps.values()
+    finally:
+        other.close()
