@@ -148,14 +148,17 @@ def evicted_by_restart(model: str, cache_type: str, n_ctx: int, threads: int, ca
 
 def evicted_from_prefix(llm: Llama, cache_dir: str,
                         questions: List[str]) -> Tuple[List[str], Dict[str, str], List[dict]]:
-    """A writer stores SYSTEM + its question; a new reader starting with SYSTEM follows."""
+    """A writer stores SYSTEM + its question; a second one, whose stored window the writer's does
+    not reach, stores the shared cut (512 tokens: a multiple of n_batch, what a cold prefill
+    reproduces); a new reader starting with SYSTEM follows and must restore it."""
     turns: List[dict] = []
     final: Dict[str, str] = {}
     with AgentMemory(llm, cache_dir=cache_dir, ram_budget=0) as mem:
-        mem.create_chat_completion("writer", messages=[
-            {"role": "user", "content": f"{SYSTEM}\n{QUESTIONS[0]}"}], temperature=0,
-            max_tokens=MAX_TOKENS)
-        mem.evict("writer")
+        for name, question in (("writer", QUESTIONS[0]), ("scout", QUESTIONS[1])):
+            mem.create_chat_completion(name, messages=[
+                {"role": "user", "content": f"{SYSTEM}\n{question}"}], temperature=0,
+                max_tokens=MAX_TOKENS)
+            mem.evict(name)
         answers = chat(displaced_step(mem, llm, "reader", turns, final), questions)
     return answers, final, turns
 
