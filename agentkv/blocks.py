@@ -247,8 +247,6 @@ def decode_tail(payload: Any, fingerprint: bytes, key: Optional[str] = None, res
     off += 4 * n_logits
     try:
         text = bytes(view[off:off + shape_len])
-        if _depth(text.decode("utf-8")) > _RECORD_DEPTH:
-            raise CorruptEntry("tail shape is nested too deep")
         shape = Shape.from_json(json.loads(text, parse_constant=_refuse_constant))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise CorruptEntry(f"tail shape does not parse: {exc}") from exc
@@ -314,16 +312,14 @@ class Record:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Record":
-        """Parse a record strictly: bounded size and depth, finite numbers, every field of its
-        type and in range; anything else is CorruptEntry (never OverflowError, RecursionError
-        or a hang)."""
+        """Parse a record strictly: bounded size, finite numbers, every field of its type and in
+        range; anything else (deep nesting included) is CorruptEntry, never OverflowError,
+        RecursionError or a hang."""
         if not isinstance(raw, (bytes, bytearray)) or len(raw) > _RECORD_MAX:
             raise CorruptEntry("record is not bytes or is larger than any record agentkv writes")
         try:
             text = bytes(raw).decode("utf-8", "surrogatepass")
-            if _depth(text) > _RECORD_DEPTH:
-                raise CorruptEntry("record is nested deeper than any record agentkv writes")
-            d = json.loads(text, parse_constant=_refuse_constant)
+            d = json.loads(text, parse_constant=_refuse_constant)  # too deep: RecursionError
             if isinstance(d, dict) and type(d.get("v")) is int and d["v"] > _RECORD_VERSION:
                 err = CorruptEntry(f"record version {d['v']} is newer than this agentkv's")
                 err.future = True  # another agentkv's: never dropped as damage
@@ -358,25 +354,6 @@ class Record:
 
 
 _RECORD_MAX = 64 << 20  # a 1M-token agent's record is ~10 MB
-_RECORD_DEPTH = 16  # agentkv's records nest 4 deep (shape JSON included)
-
-
-def _depth(text: str) -> int:
-    """Deepest bracket nesting of a JSON text (brackets inside strings counted too: an upper
-    bound, which is what the check needs)."""
-    depth = best = 0
-    for ch in text:
-        if ch in "[{":
-            depth += 1
-            if depth > best:
-                best = depth
-                if best > _RECORD_DEPTH:
-                    return best
-        elif ch in "]}":
-            depth -= 1
-    return best
-
-
 _HEX = frozenset("0123456789abcdef")
 
 
