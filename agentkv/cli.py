@@ -2,7 +2,8 @@
 
     python -m agentkv ls CACHE_DIR        agents and shared prefixes, tokens and bytes
     python -m agentkv verify CACHE_DIR    read and check every record, cut and block it names
-                                         (exit 1 if anything is damaged)
+                                         (exit 1 if anything is damaged; --repair drops
+                                         what is damaged, with every record naming it)
     python -m agentkv gc CACHE_DIR        delete payloads no record holds and files no row names
                                          (killed writers' leftovers)
 
@@ -78,7 +79,7 @@ def _verify(args: argparse.Namespace) -> int:
         for key, r in sorted(rows, key=lambda kr: (isinstance(kr[1], Record) and kr[1].kind == "cut",
                                                     _name(kr))):
             if isinstance(r, CorruptEntry):
-                print(f"{key}: DAMAGED: {r}")
+                print(f"{key}: DAMAGED: {r}" + (_repair(probe, key, r) if args.repair else ""))
                 bad += 1
                 continue
             first = r.tail if r.tail is not None else next((k for ks in r.blocks for k in ks), None)
@@ -92,11 +93,26 @@ def _verify(args: argparse.Namespace) -> int:
                 status = f"DAMAGED: {exc}" if isinstance(exc, (AgentKVError, OSError)) else \
                     f"DAMAGED: {type(exc).__name__}: {exc}"
                 bad += 1
+                if args.repair:
+                    status += _repair(probe, key, exc)
             print(f"{_describe(key, r)}: {status}")
     finally:
         for s in stores.values():
             s.close()
     return 1 if bad else 0
+
+
+def _repair(store: DiskStore, key: str, exc: BaseException) -> str:
+    """Drop what is damaged: the payload found damaged with every record naming it, else the
+    record itself. What an AgentMemory does when a restore finds the same damage."""
+    payload = getattr(exc, "payload", None)
+    if payload is not None:
+        dropped = store.discard_damaged(payload)
+        if key not in dropped:
+            store.drop_record(key)
+        return f" -> dropped {payload} and {max(len(dropped), 1)} record(s)"
+    store.drop_record(key)
+    return " -> record dropped"
 
 
 def _name(kr) -> str:  # type: ignore[no-untyped-def]
@@ -121,6 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, fn in (("ls", _ls), ("verify", _verify), ("gc", _gc)):
         p = sub.add_parser(name)
         p.add_argument("cache_dir")
+        if name == "verify":
+            p.add_argument("--repair", action="store_true",
+                           help="drop damaged payloads and the records naming them")
         p.set_defaults(fn=fn)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

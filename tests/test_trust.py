@@ -210,6 +210,24 @@ def test_a_damaged_block_an_agent_holds_is_rewritten_by_its_next_save(llm, tmp_p
     assert cli("verify", tmp_path).returncode == 0
 
 
+def test_verify_repair_drops_damage_no_turn_has_read_yet(llm, tmp_path):
+    save(llm, tmp_path, ("a", PROMPT), ("b", OTHER))
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        key = mem._store.manifest("a").blocks[0][0]
+    path = row_file(tmp_path, key)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 4
+    path.write_bytes(bytes(data))
+    repair = cli("verify", "--repair", tmp_path)
+    assert repair.returncode == 1 and "dropped " + key in repair.stdout, repair.stdout
+    assert cli("verify", tmp_path).returncode == 0
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
+        mem.create_completion("a", PROMPT + MORE, max_tokens=2, temperature=0)
+        assert mem.last_turn.source == "cold" and mem.stats().rejected == 0
+        mem.create_completion("b", OTHER + MORE, max_tokens=2, temperature=0)
+        assert mem.last_turn.source == "disk"
+
+
 # -- 4-5. the store's own failures never leave a turn; a damaged cache.db --------------------
 
 def test_a_schema_damaged_while_open_is_set_aside_and_the_turns_go_on(llm, tmp_path):
