@@ -400,7 +400,8 @@ class DiskStore:
         return chain, shape, first, blocks, rest
 
     def _write_blocks(self, blocks: List[List[Tuple[str, BlockPayload]]], sizes: Dict[str, int],
-                      pause: Callable[[], None]) -> int:
+                      pause: Callable[[], None], wrote: List[str]) -> int:
+        """Write the blocks the store lacks (their keys go to ``wrote``); bytes written."""
         written = 0
         for per_cache in blocks:
             for key, payload in per_cache:
@@ -408,6 +409,7 @@ class DiskStore:
                 if key not in self._cache:
                     pause()
                     self._cache.set(key, bytes(payload))
+                    wrote.append(key)
                     written += payload.nbytes
         return written
 
@@ -460,16 +462,18 @@ class DiskStore:
         with self._write_lock.held():
             step = self._renewing(pause)
             sizes: Dict[str, int] = {}
+            wrote: List[str] = []
             try:
-                written = self._write_blocks(blocks, sizes, step)
+                written = self._write_blocks(blocks, sizes, step, wrote)
                 sizes[r.tail] = len(tail_payload)
                 if r.tail not in self._cache:
                     step()
                     self._cache.set(r.tail, tail_payload)
+                    wrote.append(r.tail)
                     written += len(tail_payload)
                 self._commit(key, r, sizes, keep=key)
             except BaseException:
-                self._discard_unheld(sizes)
+                self._discard_unheld(wrote)
                 raise
         return r, written
 
@@ -491,11 +495,12 @@ class DiskStore:
         key = "cut/" + r.name
         with self._write_lock.held():
             sizes: Dict[str, int] = {}
+            wrote: List[str] = []
             try:
-                written = self._write_blocks(blocks, sizes, self._renewing(pause))
+                written = self._write_blocks(blocks, sizes, self._renewing(pause), wrote)
                 self._commit(key, r, sizes, keep=key)
             except BaseException:
-                self._discard_unheld(sizes)
+                self._discard_unheld(wrote)
                 raise
         return written
 
@@ -509,8 +514,9 @@ class DiskStore:
         return step
 
     def _discard_unheld(self, keys: Iterable[str]) -> None:
-        """After a failed save: delete what it wrote that no record holds (best effort; a full
-        disk may refuse this too, and the next open collects them)."""
+        """After a failed save: delete the payloads it wrote (new under the write lock, so no
+        other process's record names them) unless its record got committed (best effort; a
+        full disk may refuse this too, and the next open collects them)."""
         try:
             with self._lock:
                 keys = [k for k in keys if not self._index.holds(k)]
