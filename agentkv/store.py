@@ -198,10 +198,6 @@ class DiskStore:
         except Exception as exc:  # noqa: BLE001 - a full disk may refuse even deletes
             log.debug("leftover payloads not collected at open: %s", exc)
 
-    def db_bytes(self) -> int:
-        """Bytes of the SQLite files (counted against the budget with the payloads)."""
-        return self._db_bytes()
-
     def _drop_damaged_rows(self) -> None:
         """Delete record rows that do not parse (found by the scan; still damaged now): they
         can never be restored, and a newer agentkv's records are left alone."""
@@ -220,7 +216,7 @@ class DiskStore:
             log.warning("dropping the damaged record %s", key)
             self._cache.delete(key)
 
-    def _db_bytes(self) -> int:
+    def db_bytes(self) -> int:
         """Bytes of the SQLite files, which the disk budget counts too."""
         total = 0
         for suffix in ("", "-wal", "-shm"):
@@ -316,10 +312,7 @@ class DiskStore:
             check_state(seqpieces.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
             return nread
         shape = seqpieces.Shape.from_json(r.shape)
-        try:
-            chain = [bytes.fromhex(c) for c in r.chain]
-        except ValueError as exc:
-            raise CorruptEntry(f"cut's chain keys are not hex: {exc}") from exc
+        chain = [bytes.fromhex(c) for c in r.chain]  # hex: Record.from_bytes checked it
         _, nread = self._load_blocks(r, shape, fingerprint, chain, len(chain), 0)
         return nread
 
@@ -420,7 +413,7 @@ class DiskStore:
         with self._lock:
             freed = self._index.remove(key)
             self._index.add(key, r, lambda k: sizes[k] if k in sizes else self._payload_size(k))
-            db = self._db_bytes()
+            db = self.db_bytes()
             while self._index.nbytes + db > self.budget and len(self._index.records) > 1:
                 victim = next(k for k in self._index.records if k != keep)
                 log.info("disk budget: dropping %s (%d bytes held)", victim, self._index.nbytes)
@@ -448,7 +441,7 @@ class DiskStore:
         tail_payload, tail_key = encode_tail(
             Tail(snap.tokens, logits, shape, rest, digest), fingerprint, self.at_rest)
         total = len(tail_payload) + sum(p.nbytes for bs in blocks for _, p in bs)
-        if total + self._db_bytes() > self.budget:
+        if total + self.db_bytes() > self.budget:
             log.warning("agent %r: %d bytes of KV exceed disk_budget=%d; not persisted",
                         agent_id, total, self.budget)
             self.drop(agent_id)

@@ -48,6 +48,13 @@ def cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def flip(path, at, mask=1):
+    """Flip bits of the byte at ``at`` (negative: from the end) of a real payload file."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def row_file(cache_dir, key):
     with sqlite3.connect(str(cache_dir / "cache.db")) as con:
         (name,) = con.execute("SELECT filename FROM Cache WHERE key = ?", (key,)).fetchone()
@@ -166,9 +173,7 @@ def test_a_damaged_block_of_a_shared_cut_is_dropped_and_rewritten(llm, tmp_path)
         (cut,) = mem._store.cuts()
     victim = cut.blocks[1][0]  # an SWA block of the cut (the coder's own window holds it too)
     path = row_file(tmp_path, victim)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x20
-    path.write_bytes(bytes(data))
+    flip(path, path.stat().st_size // 2, 0x20)
     bad = cli("verify", tmp_path)
     assert bad.returncode == 1 and "cut" in bad.stdout and "DAMAGED" in bad.stdout, bad.stdout
 
@@ -193,10 +198,7 @@ def test_a_damaged_block_an_agent_holds_is_rewritten_by_its_next_save(llm, tmp_p
     save(llm, tmp_path, ("a", PROMPT), ("b", OTHER))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         key = mem._store.manifest("a").blocks[0][0]
-    path = row_file(tmp_path, key)
-    data = bytearray(path.read_bytes())
-    data[-100] ^= 1
-    path.write_bytes(bytes(data))
+    flip(row_file(tmp_path, key), -100)
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT + MORE, max_tokens=2, temperature=0)
         assert mem.last_turn.source == "cold"
@@ -215,9 +217,7 @@ def test_verify_repair_drops_damage_no_turn_has_read_yet(llm, tmp_path):
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         key = mem._store.manifest("a").blocks[0][0]
     path = row_file(tmp_path, key)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 4
-    path.write_bytes(bytes(data))
+    flip(path, path.stat().st_size // 3, 4)
     repair = cli("verify", "--repair", tmp_path)
     assert repair.returncode == 1 and "dropped " + key in repair.stdout, repair.stdout
     assert cli("verify", tmp_path).returncode == 0
