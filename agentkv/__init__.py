@@ -10,6 +10,7 @@ from .config import MemoryConfig, parse_size
 from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
                      MemoryClosed, NotACache, NotALlama, RestoreFailed, StoreBusy, TurnInProgress,
                      UnknownAgent, UnsupportedLlamaCpp)
+from .draft import NgramDraft
 from .memory import AgentMemory
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
@@ -20,6 +21,7 @@ __all__ = [
     "MemoryStats",
     "TurnRecord",
     "MemoryConfig",
+    "NgramDraft",
     "parse_size",
     "AgentKVError",
     "ConfigError",

@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard depe
 
 from . import state as seqstate
 from . import pieces as seqpieces
+from .draft import NgramDraft, drafted_generate, greedy_refusal
 from .errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
 from .laid import LaidState, lay_out
 from .settings import ADAPTERS, settings_of
@@ -93,6 +94,10 @@ class Engine:
         self.plan_cut: Optional[Callable[[np.ndarray, int], int]] = None
         self.on_cut: Optional[Callable[[int], None]] = None
         self.on_first_token: Optional[Callable[[], None]] = None  # generate made its first token
+        # Self-draft decoding of greedy calls (agentkv/draft.py); on_draft(drafted, kept)
+        # after every check of a draft.
+        self.draft: Optional[NgramDraft] = None
+        self.on_draft: Optional[Callable[[int, int], None]] = None
 
     def check_format(self) -> None:
         """Decide from a real state whether this llama.cpp writes the format agentkv parses:
@@ -451,7 +456,14 @@ class Engine:
             else:
                 llm.reset()
                 self._floor = 0  # the whole prompt is evaluated again: its KV is all real
-        tokens_out = Llama.generate(llm, tokens, *args, **kwargs)
+        refusal = greedy_refusal(args, kwargs) if self.draft is not None else "off"
+        if refusal is None:
+            tokens_out = drafted_generate(llm, tokens, self.draft, bool(kwargs.get("reset", True)),
+                                          self.on_draft)
+        else:
+            if self.draft is not None:
+                log.debug("decoding without drafts: %s", refusal)
+            tokens_out = Llama.generate(llm, tokens, *args, **kwargs)
         return tokens_out if self.on_first_token is None else self._first_token(tokens_out)
 
     def _first_token(self, tokens_out: Iterator[int]) -> Iterator[int]:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from .atrest import code_of
 from .config import MemoryConfig, SizeLike
+from .draft import DraftLike, NgramDraft, draft_config
 from .engine import Engine, hash_file
 from .errors import (ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId, MemoryClosed,
                      NotACache, RestoreFailed, TurnInProgress, UnknownAgent)
@@ -37,6 +38,8 @@ from .snapshot import Snapshot
 from .stats import AgentInfo, MemoryStats, TurnRecord
 from .store import DiskStore, NoDisk, agent_key
 from .writer import WriteBehind
+
+_DEFAULT: Any = object()  # "the memory's own setting" for per-call options
 
 __all__ = ["AgentMemory"]
 
@@ -98,16 +101,25 @@ class AgentMemory:
             RAM is then one ``set_data``, at the price of laying the snapshot out at the end
             of every turn (~8 ms at 4,000 tokens on a 2-vCPU VM). False keeps them compact
             and lays them out at restore (~2 ms more time to first token at 4,000 tokens).
+        draft: self-draft decoding of greedy turns (``temperature=0`` or ``top_k=1``):
+            None (default) or "ngram" (prompt lookup in the agent's own history, verified
+            in one batch; agentkv/draft.py), or an :class:`~agentkv.NgramDraft` to tune it.
+            Turns with other sampling settings decode normally. Faster on turns that copy
+            from their context; a drafted greedy output can differ from an undrafted one at
+            a near-tie (batch rounding), so it is opt-in. Per call: ``draft=False`` (or
+            "ngram") as a keyword of ``create_completion``/``create_chat_completion``/``agent``.
     """
 
     def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
                  ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB",
                  block_tokens: int = 256, share_prefixes: Union[bool, str] = True,
-                 at_rest: Optional[str] = None, ram_laid_out: bool = True) -> None:
+                 at_rest: Optional[str] = None, ram_laid_out: bool = True,
+                 draft: DraftLike = None) -> None:
         self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
         if not isinstance(ram_laid_out, bool):
             raise ConfigError(f"ram_laid_out must be True or False, not {ram_laid_out!r}")
         self._laid = ram_laid_out
+        self._draft = draft_config(draft)
         if share_prefixes not in (True, False, "any"):
             raise ConfigError(f"share_prefixes must be True, False or 'any', not {share_prefixes!r}")
         self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
@@ -147,6 +159,7 @@ class AgentMemory:
         self._writer_may_run = threading.Event()
         self._writer_may_run.set()
         self._engine.on_first_token = self._writer_may_run.set
+        self._engine.on_draft = self._count_draft
         self._writer = WriteBehind(self._persist)
         self._warned_cache = False
         self._at_exit = _flush_at_exit(self)
@@ -188,26 +201,34 @@ class AgentMemory:
         return self._fingerprint.hex()
 
     @contextmanager
-    def agent(self, agent_id: str) -> Iterator[Any]:
+    def agent(self, agent_id: str, draft: Any = _DEFAULT) -> Iterator[Any]:
         """Give the context to ``agent_id`` for a block; yields the wrapped ``Llama``.
+        ``draft`` overrides the memory's drafting setting for the block.
 
         >>> with mem.agent("planner") as live:                      # doctest: +SKIP
         ...     live.create_chat_completion(messages=[...])
         """
-        with self._turn(agent_id) as llm:
+        with self._turn(agent_id, self._draft_for(draft)) as llm:
             yield llm
 
     def create_completion(self, agent_id: str, prompt: Any, **kwargs: Any) -> Any:
-        """``Llama.create_completion`` as ``agent_id``; same return shape, ``stream=True`` too."""
+        """``Llama.create_completion`` as ``agent_id``; same return shape, ``stream=True`` too.
+        ``draft=`` (False, "ngram") overrides the memory's drafting setting for this call."""
+        draft = self._draft_for(kwargs.pop("draft", _DEFAULT))
         return self._call(agent_id, lambda llm: llm.create_completion(prompt, **kwargs),
-                          bool(kwargs.get("stream")))
+                          bool(kwargs.get("stream")), draft)
 
     def create_chat_completion(self, agent_id: str, messages: Any = None, **kwargs: Any) -> Any:
-        """``Llama.create_chat_completion`` as ``agent_id``; same return shape, ``stream=True`` too."""
+        """``Llama.create_chat_completion`` as ``agent_id``; same return shape, ``stream=True`` too.
+        ``draft=`` (False, "ngram") overrides the memory's drafting setting for this call."""
+        draft = self._draft_for(kwargs.pop("draft", _DEFAULT))
         if messages is not None:
             kwargs["messages"] = messages
         return self._call(agent_id, lambda llm: llm.create_chat_completion(**kwargs),
-                          bool(kwargs.get("stream")))
+                          bool(kwargs.get("stream")), draft)
+
+    def _draft_for(self, value: Any) -> Optional[NgramDraft]:
+        return self._draft if value is _DEFAULT else draft_config(value)
 
     def stats(self) -> MemoryStats:
         """A copy of the counters, with the current tier sizes."""
@@ -366,7 +387,7 @@ class AgentMemory:
             self._lock.release()
 
     @contextmanager
-    def _turn(self, agent_id: str) -> Iterator[Any]:
+    def _turn(self, agent_id: str, draft: Optional[NgramDraft] = None) -> Iterator[Any]:
         _check_agent_id(agent_id)
         with self._exclusive():
             self._check_settings()
@@ -384,10 +405,12 @@ class AgentMemory:
                                 "without it, and it is put back after each turn")
                     self._warned_cache = True
                 llm.cache = None
+            self._engine.draft = draft
             try:
                 yield llm
                 self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
+                self._engine.draft = None
                 if own_cache is not None:
                     llm.cache = own_cache
                 self._writer_may_run.set()  # the turn made no token (or made them all)
@@ -417,17 +440,19 @@ class AgentMemory:
         self._live, self._live_saved = None, None
         self._fingerprint = fingerprint
 
-    def _call(self, agent_id: str, call: Callable[[Any], Any], stream: bool) -> Any:
+    def _call(self, agent_id: str, call: Callable[[Any], Any], stream: bool,
+              draft: Optional[NgramDraft]) -> Any:
         if not stream:
-            with self._turn(agent_id) as llm:
+            with self._turn(agent_id, draft) as llm:
                 return call(llm)
         _check_agent_id(agent_id)
         self._check_open()
-        return self._stream(agent_id, call)
+        return self._stream(agent_id, call, draft)
 
-    def _stream(self, agent_id: str, call: Callable[[Any], Any]) -> Iterator[Any]:
+    def _stream(self, agent_id: str, call: Callable[[Any], Any],
+                draft: Optional[NgramDraft]) -> Iterator[Any]:
         # The turn holds the context until the stream is exhausted or closed.
-        with self._turn(agent_id) as llm:
+        with self._turn(agent_id, draft) as llm:
             chunks = call(llm)
             try:
                 yield from chunks
@@ -445,6 +470,15 @@ class AgentMemory:
         with self._state_lock:
             self._stats.prompt_tokens_evaluated += evaluated
             self._stats.prompt_tokens_restored += restored
+
+    def _count_draft(self, drafted: int, kept: int) -> None:
+        record = self._turn_record
+        if record is not None:
+            record.draft_tokens += drafted
+            record.draft_accepted += kept
+        with self._state_lock:
+            self._stats.draft_tokens += drafted
+            self._stats.draft_accepted += kept
 
     # -- moving KV between tiers ----------------------------------------------------------
 

@@ -51,6 +51,9 @@ class MemoryStats:
         disk_db_bytes: bytes of the cache's SQLite files now (``disk_budget`` bounds them
             together with the payloads).
         agents: agents the memory holds now.
+        draft_tokens: tokens drafted (self-draft decoding, ``draft="ngram"``).
+        draft_accepted: drafted tokens the model agreed with (each saved a decode step).
+        draft_rejected: drafted tokens it did not (their KV was dropped).
     """
 
     turns: int = 0
@@ -67,6 +70,12 @@ class MemoryStats:
     disk_bytes: int = 0
     disk_db_bytes: int = 0
     agents: int = 0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def draft_rejected(self) -> int:
+        return self.draft_tokens - self.draft_accepted
 
 
 @dataclass
@@ -80,6 +89,9 @@ class TurnRecord:
         save_seconds: time the turn waited on saving the agent it displaced.
         prompt_tokens_evaluated: prompt tokens evaluated in this turn.
         prompt_tokens_restored: prompt tokens this turn did not evaluate thanks to a restore.
+        draft_tokens: tokens drafted in this turn.
+        draft_accepted: drafted tokens the model agreed with.
+        draft_rejected: drafted tokens it did not.
     """
 
     agent_id: str
@@ -88,4 +100,10 @@ class TurnRecord:
     save_seconds: float = 0.0
     prompt_tokens_evaluated: int = 0
     prompt_tokens_restored: int = 0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
     _generates: int = 0
+
+    @property
+    def draft_rejected(self) -> int:
+        return self.draft_tokens - self.draft_accepted
