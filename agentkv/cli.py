@@ -6,6 +6,8 @@
                                          what is damaged, with every record naming it)
     python -m agentkv gc CACHE_DIR        delete payloads no record holds and files no row names
                                          (killed writers' leftovers)
+    python -m agentkv serve MODEL.gguf --cache-dir DIR [--workers N ...]
+                                         an OpenAI-compatible HTTP server (agentkv[server])
 
 Every command refuses (exit 2), without creating or deleting anything, a folder that is not an
 agentkv cache. ``verify`` checks what can be checked without the model: the database, every
@@ -141,7 +143,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.add_argument("--repair", action="store_true",
                            help="drop damaged payloads and the records naming them")
         p.set_defaults(fn=fn)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server whose agents keep their KV")
+    from .server import add_arguments, run
+    add_arguments(serve)
+    serve.set_defaults(fn=run)
     args = ap.parse_args(argv)
+    if args.fn is run:
+        return run(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

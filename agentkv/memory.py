@@ -321,6 +321,25 @@ class AgentMemory:
             if not known:
                 raise UnknownAgent(f"no agent {agent_id!r} in this memory")
 
+    def discard_local(self, agent_id: str) -> bool:
+        """Drop this process's copies of the agent (its live KV, its RAM snapshot) without
+        writing them, keeping what the disk holds: for processes sharing a cache_dir, when
+        another one has run the agent since (its newer turn is on disk, and this copy must
+        neither be restored nor written over it). True if there was a copy to drop."""
+        _check_agent_id(agent_id)
+        with self._exclusive():
+            self._wait_writer(agent_id)
+            dropped = False
+            if self._live == agent_id:
+                self._engine.clear()
+                self._live, self._live_saved = None, None
+                dropped = True
+            dropped = self._ram.pop(agent_id) is not None or dropped
+            with self._state_lock:
+                self._wanted.pop(agent_id, None)
+                self._durable.pop(agent_id, None)
+            return dropped
+
     def flush(self) -> None:
         """Write the live agent and every RAM snapshot to disk; return when they are there."""
         with self._exclusive():

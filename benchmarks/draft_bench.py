@@ -10,9 +10,9 @@ Commands (each prints a table and can write JSON)::
     .venv/bin/python benchmarks/draft_bench.py --identity 200 --json identity_gemma.json
 
 Speed: each kind of turn (copy-heavy: ``rewrite`` a function with one change, ``quote`` a
-paragraph verbatim, ``repeat`` a plan from earlier in the conversation; free text: a ``new``
-answer) runs as an agent's turn through ``AgentMemory`` with drafting on and off, alternating,
-``--repeats`` times. Decode speed is (tokens made - 1) / (time from the first token to the
+paragraph verbatim, ``repeat`` a plan from earlier in the conversation; free text: a new
+answer, ``new``, ``story``, ``compare``) runs as an agent's turn through ``AgentMemory`` with
+drafting on and off, alternating, ``--repeats`` times. Decode speed is (tokens made - 1) / (time from the first token to the
 last): prefill is the same in both arms and is left out. Reported: medians, their ratio
 (drafted / plain), the share of drafted tokens the model accepted, and whether the two
 outputs are token-for-token identical.
@@ -95,6 +95,10 @@ TURNS: Dict[str, Tuple[str, List[Dict[str, str]]]] = {
                          "eight steps, with their numbers."}]),
     "new": ("free", [{"role": "user", "content": "Explain to a new engineer, in a few "
                       "paragraphs, why a team should write tests before fixing a bug."}]),
+    "story": ("free", [{"role": "user", "content": "Write a short story about a lighthouse "
+                        "keeper who finds a strange map."}]),
+    "compare": ("free", [{"role": "user", "content": "What are the pros and cons of "
+                          "microservices compared to a monolith? Answer in detail."}]),
 }
 
 TOPICS = ["a lighthouse keeper", "compilers", "the water cycle", "a chess opening", "bread",

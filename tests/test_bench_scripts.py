@@ -34,3 +34,20 @@ def test_agent_memory_bench_measures_agentkv_naive_and_floor(tmp_path):
     assert all(t["evaluated"] == (0 if t["kind"] == "resume" else 8) for t in returns)
     assert all(t["bytes_read"] > 0 and t["floor_read_s"] > 0 for t in returns)
     assert png.stat().st_size > 0
+
+
+def test_draft_bench_measures_speed_and_identity(tmp_path):
+    bench = load("draft_bench")
+    out = tmp_path / "draft.json"
+    assert bench.main(["--repeats", "1", "--max-tokens", "24", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    speed = doc["speed"]
+    assert set(speed) == {"rewrite", "quote", "repeat", "new", "story", "compare"}
+    for row in speed.values():
+        assert row["plain_tok_s"] > 0 and row["draft_tok_s"] > 0 and row["tokens"] > 1
+        assert row["speedup"] == row["draft_tok_s"] / row["plain_tok_s"]
+    assert sum(r["drafted"] for r in speed.values() if r["kind"] == "copy") > 0
+    assert bench.main(["--identity", "4", "--max-tokens", "16", "--json", str(out)]) == 0
+    ident = json.loads(out.read_text())["identity"]
+    assert ident["turns"] == 4 and 0 <= ident["identical"] <= 4
+    assert ident["by_kind"]["copy"]["turns"] == 2 and ident["drafted"] > 0
