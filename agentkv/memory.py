@@ -340,6 +340,13 @@ class AgentMemory:
                 self._durable.pop(agent_id, None)
             return dropped
 
+    def wait_durable(self, agent_id: str, timeout: Optional[float] = None) -> bool:
+        """Wait (from any thread, without taking the context) until the agent's newest saved
+        turn is on disk, or ``timeout`` seconds; True if it is. Background saves still yield to
+        a returning agent's first token meanwhile."""
+        self._writer.wait(agent_id, timeout)
+        return self._is_durable(agent_id)
+
     def flush(self) -> None:
         """Write the live agent and every RAM snapshot to disk; return when they are there."""
         with self._exclusive():

@@ -4,7 +4,6 @@ client and httpx, outputs compared with the same chain run in-process through Ag
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -257,3 +256,24 @@ def test_two_workers_run_agents_at_once_and_hand_agents_over_exactly(tmp_path):
         assert second == moved.choices[0].message.content
     finally:
         served.stop()
+
+
+def test_the_openai_client_example_runs_against_the_server(server):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "openai_client_team.py"),
+                          "--base-url", server.url + "/v1", "--rounds", "2", "--max-tokens", "6"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("round 2")]
+    assert len(lines) == 3 and all("from restored KV" in line for line in lines)
+    assert "held: " in out.stdout
+
+
+def test_serve_without_the_server_extra_names_it(tmp_path):
+    """Where starlette is not installed (blocked here in a subprocess), serve says what to install."""
+    code = ("import sys; sys.modules['starlette'] = None\n"
+            "from agentkv.cli import main\n"
+            f"sys.exit(main(['serve', {MODEL_PATH!r}, '--cache-dir', {str(tmp_path)!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and "pip install 'agentkv[server]'" in out.stderr
+    assert not any(tmp_path.iterdir())  # nothing was created

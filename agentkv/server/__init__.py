@@ -61,14 +61,12 @@ def worker_config(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn  # noqa: F401
-        import starlette  # noqa: F401
-    except ImportError:
-        print(EXTRA_HINT, file=sys.stderr)
-        return 2
-    import uvicorn
+        import uvicorn
 
-    from .app import Server
+        from .app import Server  # starlette
+    except ImportError as exc:
+        print(f"{EXTRA_HINT} ({exc})", file=sys.stderr)
+        return 2
     from .pool import Pool, WorkerDied
 
     if args.workers < 1:

@@ -68,7 +68,7 @@ class Server:
         except WorkerDied as exc:
             return _error(BadRequest(str(exc), status=503, kind="server_error"))
         try:
-            stale = self.pool.moved(lease)
+            stale = await self.pool.hand_over(lease)
             lease.worker.send({"type": "turn", "id": lease.rid, "kind": kind, "agent": agent,
                                "call": call, "stream": stream, "stale": stale})
             if stream:
@@ -207,6 +207,7 @@ class Server:
             known = any((r.get("data") or {}).get("known") for r in results)
             if op == "forget":
                 self.pool.last_worker.pop(agent, None)
+                self.pool._durable.pop(agent, None)
         if not known:
             return _error(BadRequest(f"no agent {agent!r}", status=404, code="agent_not_found",
                                      param="agent_id"))

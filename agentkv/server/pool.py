@@ -14,7 +14,7 @@ import json
 import logging
 import multiprocessing
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .worker import main as worker_main
 
@@ -41,6 +41,7 @@ class Handle:
         self.pid: Optional[int] = None
         self.inbox: Dict[int, asyncio.Queue] = {}
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.on_durable: Optional[Callable[[int, str], None]] = None  # (worker, agent)
         self._send_lock = threading.Lock()
 
     def wait_ready(self, timeout: float) -> Dict[str, Any]:
@@ -63,12 +64,22 @@ class Handle:
                 msg = json.loads(self.conn.recv_bytes())
             except (EOFError, OSError, ValueError):
                 break
+            if msg.get("type") == "durable":
+                if self.on_durable is not None and self.loop is not None:
+                    self.loop.call_soon_threadsafe(self.on_durable, self.index, msg["agent"])
+                continue
             self._deliver(msg.get("id"), msg)
         self.alive = False
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._gone)
         log.error("worker %d (pid %s) is gone", self.index, self.pid)
         for rid in list(self.inbox):
             self._deliver(rid, {"type": "error", "status": 503, "message": "the worker died"})
             self._deliver(rid, {"type": "end"})
+
+    def _gone(self) -> None:
+        if self.on_durable is not None:
+            self.on_durable(self.index, "")  # "" : every agent this worker held
 
     def _deliver(self, rid: Any, msg: Dict[str, Any]) -> None:
         box = self.inbox.get(rid)
@@ -134,12 +145,21 @@ class Pool:
         self._ids = itertools.count(1)
         self._agent_locks: Dict[str, asyncio.Lock] = {}
         self.last_worker: Dict[str, int] = {}
+        self._durable: Dict[str, asyncio.Event] = {}  # set once the agent's last turn is on disk
         self._idle: Optional[asyncio.Condition] = None
+        self.handover_timeout = 120.0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._idle = asyncio.Condition()
         for h in self.handles:
+            h.on_durable = self._on_durable
             h.start_reader(loop)
+
+    def _on_durable(self, worker: int, agent: str) -> None:
+        for a in ([agent] if agent else [a for a, w in self.last_worker.items() if w == worker]):
+            event = self._durable.get(a)
+            if event is not None and self.last_worker.get(a) == worker:
+                event.set()
 
     @property
     def alive(self) -> List[Handle]:
@@ -174,20 +194,31 @@ class Pool:
             raise
         return Lease(self, worker, agent, next(self._ids))
 
-    def moved(self, lease: Lease) -> bool:
-        """Record that ``lease``'s worker now serves its agent; True if the agent came from
-        another worker (whose copy is told to go: this worker reads the newer one from disk)."""
+    async def hand_over(self, lease: Lease) -> bool:
+        """Make ``lease``'s worker the one serving its agent; True if the agent comes from
+        another worker. Then its last turn must be on disk first (saves run behind the turn:
+        this waits for that worker's ``durable``), and that worker's copy is told to go: this
+        worker reads the newer one from disk."""
         agent = lease.agent
         if agent is None:
             return False
         last = self.last_worker.get(agent)
+        moved = last is not None and last != lease.worker.index
+        if moved:
+            event = self._durable.get(agent)
+            if event is not None and not event.is_set():
+                try:
+                    await asyncio.wait_for(event.wait(), self.handover_timeout)
+                except asyncio.TimeoutError:
+                    log.warning("agent %r: worker %d did not report its save within %.0f s; "
+                                "worker %d goes on from what the disk holds", agent, last,
+                                self.handover_timeout, lease.worker.index)
+            previous = self.handles[last]  # type: ignore[index]
+            if previous.alive:
+                previous.send({"type": "discard", "agent": agent})
         self.last_worker[agent] = lease.worker.index
-        if last is None or last == lease.worker.index:
-            return False
-        previous = self.handles[last]
-        if previous.alive:
-            previous.send({"type": "discard", "agent": agent})
-        return True
+        self._durable[agent] = asyncio.Event()  # this turn's save is pending
+        return moved
 
     def _free(self, lease: Lease) -> None:
         lease.worker.busy = False

@@ -6,8 +6,9 @@ says this worker's own copy of the agent, if any, is older than the disk's), ``d
 this process's copy of an agent: another worker now has its newest turn), ``cancel`` (stop the
 turn being streamed: the client went away), ``query`` (agents, stats), ``forget``, ``evict``,
 ``stop``. Replies carry the request's ``id``: ``chunk`` (streamed), ``response``, ``error``,
-``result``, ``done`` (what the turn restored and evaluated), then ``end`` once the agent's KV
-is on disk, so that another worker may take it.
+``result``, ``done`` (what the turn restored and evaluated), ``end`` (the worker is free), and
+for a kept agent ``durable`` once its turn is on disk (saves run behind, as in-process): only
+then does the front hand the agent to another worker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any, Deque, Dict, Optional
 
@@ -63,6 +65,11 @@ class Worker:
     def __init__(self, conn: Any, mem: Any, index: int) -> None:
         self.conn, self.mem, self.index = conn, mem, index
         self.deferred: Deque[Dict[str, Any]] = collections.deque()
+        self._send_lock = threading.Lock()  # the turn's thread and durable reports
+
+    def send(self, msg: Dict[str, Any]) -> None:
+        with self._send_lock:
+            _send(self.conn, msg)
 
     def serve(self) -> None:
         while True:
@@ -106,14 +113,14 @@ class Worker:
                     data = {"known": False, "evicted": False}
             else:
                 raise ValueError(f"unknown message {kind!r}")
-            _send(self.conn, {"type": "result", "id": rid, "data": data})
+            self.send({"type": "result", "id": rid, "data": data})
         except (EOFError, BrokenPipeError):
             raise
         except Exception as exc:  # noqa: BLE001 - reported, the worker goes on
             log.exception("%s failed", kind)
-            _send(self.conn, {"type": "error", "id": rid, "status": 500,
+            self.send({"type": "error", "id": rid, "status": 500,
                               "message": f"{type(exc).__name__}: {exc}"})
-        _send(self.conn, {"type": "end", "id": rid})
+        self.send({"type": "end", "id": rid})
 
     def between_chunks(self, rid: Any) -> bool:
         """Read what the front sent meanwhile; True if this turn is cancelled. Queries are
@@ -150,26 +157,26 @@ class Worker:
                 for chunk in out:
                     if first:
                         first = False
-                        _send(self.conn, {"type": "first", "id": rid,
+                        self.send({"type": "first", "id": rid,
                                           "ttft_s": time.perf_counter() - t0})
-                    _send(self.conn, {"type": "chunk", "id": rid, "data": chunk})
+                    self.send({"type": "chunk", "id": rid, "data": chunk})
                     if self.between_chunks(rid):
                         out.close()  # the turn ends here; its KV so far is saved
                         break
             else:
-                _send(self.conn, {"type": "response", "id": rid, "data": out})
+                self.send({"type": "response", "id": rid, "data": out})
         except (EOFError, BrokenPipeError):
             raise
         except ValueError as exc:  # llama-cpp-python: the prompt does not fit the context
             message = str(exc)
             code = "context_length_exceeded" if "context window" in message else None
-            _send(self.conn, {"type": "error", "id": rid, "status": 400, "message": message,
+            self.send({"type": "error", "id": rid, "status": 400, "message": message,
                               "code": code})
         except AgentKVError as exc:
-            _send(self.conn, {"type": "error", "id": rid, "status": 400, "message": str(exc)})
+            self.send({"type": "error", "id": rid, "status": 400, "message": str(exc)})
         except Exception as exc:  # noqa: BLE001 - reported, the worker goes on
             log.exception("turn of %r failed", agent)
-            _send(self.conn, {"type": "error", "id": rid, "status": 500,
+            self.send({"type": "error", "id": rid, "status": 500,
                               "message": f"{type(exc).__name__}: {exc}"})
         turn = mem.last_turn if mem.last_turn is not None and mem.last_turn.agent_id == agent \
             else None
@@ -178,14 +185,27 @@ class Worker:
             usage = {"source": turn.source, "evaluated": turn.prompt_tokens_evaluated,
                      "restored": turn.prompt_tokens_restored, "draft_tokens": turn.draft_tokens,
                      "draft_accepted": turn.draft_accepted}
-        _send(self.conn, {"type": "done", "id": rid, "agentkv": usage, "worker": self.index})
-        try:
-            if keep:
-                mem.flush()  # on disk before another worker may be handed this agent
-            else:
+        self.send({"type": "done", "id": rid, "agentkv": usage, "worker": self.index})
+        if keep:  # the front hands the agent to another worker only once this arrives
+            threading.Thread(target=self.report_durable, args=(agent,), daemon=True,
+                             name="agentkv-durable").start()
+        else:
+            try:
                 mem.forget(agent)
-        except UnknownAgent:
+            except UnknownAgent:
+                pass
+            except Exception:  # noqa: BLE001 - the store logs and counts its own failures
+                log.exception("after the turn of %r", agent)
+        self.send({"type": "end", "id": rid})
+
+    def report_durable(self, agent: str) -> None:
+        """Tell the front when the agent's turn is on disk (the save runs behind, as in-process)."""
+        try:
+            ok = self.mem.wait_durable(agent, timeout=600)
+        except Exception:  # noqa: BLE001 - reported as not durable; the front goes on
+            log.exception("waiting for the save of %r", agent)
+            ok = False
+        try:
+            self.send({"type": "durable", "agent": agent, "ok": ok})
+        except (OSError, ValueError):
             pass
-        except Exception:  # noqa: BLE001 - the store logs and counts its own failures
-            log.exception("after the turn of %r", agent)
-        _send(self.conn, {"type": "end", "id": rid})
