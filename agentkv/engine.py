@@ -456,12 +456,13 @@ class Engine:
             else:
                 llm.reset()
                 self._floor = 0  # the whole prompt is evaluated again: its KV is all real
-        refusal = greedy_refusal(args, kwargs) if self.draft is not None else "off"
-        if refusal is None:
-            tokens_out = drafted_generate(llm, tokens, self.draft, bool(kwargs.get("reset", True)),
+        draft = self.draft
+        refusal = greedy_refusal(args, kwargs) if draft is not None else "off"
+        if draft is not None and refusal is None:
+            tokens_out = drafted_generate(llm, tokens, draft, bool(kwargs.get("reset", True)),
                                           self.on_draft)
         else:
-            if self.draft is not None:
+            if draft is not None:
                 log.debug("decoding without drafts: %s", refusal)
             tokens_out = Llama.generate(llm, tokens, *args, **kwargs)
         return tokens_out if self.on_first_token is None else self._first_token(tokens_out)

@@ -119,9 +119,10 @@ class Server:
                 elif kind == "done":
                     finished = True
                     if include_usage:
-                        tail = {"id": last.get("id"), "object": last.get("object"),
-                                "created": last.get("created"), "model": self.model_name,
-                                "choices": [], "usage": _usage(None, msg.get("agentkv"))}
+                        tail: Dict[str, Any] = {
+                            "id": last.get("id"), "object": last.get("object"),
+                            "created": last.get("created"), "model": self.model_name,
+                            "choices": [], "usage": _usage(None, msg.get("agentkv"))}
                         yield b"data: " + json.dumps(tail).encode() + b"\n\n"
                     yield b"data: [DONE]\n\n"
                     break
