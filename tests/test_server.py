@@ -277,3 +277,30 @@ def test_serve_without_the_server_extra_names_it(tmp_path):
                          timeout=120, cwd=ROOT)
     assert out.returncode == 2 and "pip install 'agentkv[server]'" in out.stderr
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_a_worker_that_dies_is_replaced_and_its_agents_come_back_from_disk(server):
+    import os
+    import signal
+    client = server.client
+    msgs = [{"role": "user", "content": SYSTEM + "\nName one rule."}]
+    first = client.chat.completions.create(model="m", messages=msgs, max_tokens=8,
+                                           temperature=0, user="survivor")
+    evicted = httpx.post(server.url + "/v1/agents/survivor/evict", timeout=60).json()
+    assert evicted["evicted"] is True  # its KV is on disk
+    pid = server.get("/health")["pids"][0]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        health = httpx.get(server.url + "/health", timeout=10)
+        if health.status_code == 200 and health.json()["pids"][0] not in (None, pid):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the worker was not replaced within 180 s")
+    back = client.chat.completions.create(
+        model="m", temperature=0, max_tokens=8, user="survivor",
+        messages=msgs + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "Another one."}])
+    assert back.usage.agentkv["source"] == "disk"
+    assert back.usage.prompt_tokens_details.cached_tokens > 900

@@ -69,8 +69,12 @@ class Server:
             return _error(BadRequest(str(exc), status=503, kind="server_error"))
         try:
             stale = await self.pool.hand_over(lease)
-            lease.worker.send({"type": "turn", "id": lease.rid, "kind": kind, "agent": agent,
-                               "call": call, "stream": stream, "stale": stale})
+            try:
+                lease.worker.send({"type": "turn", "id": lease.rid, "kind": kind, "agent": agent,
+                                   "call": call, "stream": stream, "stale": stale})
+            except (OSError, ValueError):  # the worker died just now; it is being replaced
+                lease.release()
+                return _error(BadRequest("the worker died; retry", status=503, kind="server_error"))
             if stream:
                 first = await lease.next()  # the first chunk, or an error before any
                 if first.get("type") == "error":
@@ -149,7 +153,8 @@ class Server:
         alive = len(self.pool.alive)
         status = "ok" if alive == len(self.pool.handles) else ("degraded" if alive else "down")
         return JSONResponse({"status": status, "workers": alive,
-                             "workers_configured": len(self.pool.handles)},
+                             "workers_configured": len(self.pool.handles),
+                             "pids": [h.pid if h.alive else None for h in self.pool.handles]},
                             status_code=200 if alive else 503)
 
     # -- agentkv's endpoints ----------------------------------------------------------------

@@ -42,6 +42,7 @@ class Handle:
         self.inbox: Dict[int, asyncio.Queue] = {}
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.on_durable: Optional[Callable[[int, str], None]] = None  # (worker, agent)
+        self.on_lost: Optional[Callable[[int], None]] = None  # the process is gone
         self._send_lock = threading.Lock()
 
     def wait_ready(self, timeout: float) -> Dict[str, Any]:
@@ -80,6 +81,8 @@ class Handle:
     def _gone(self) -> None:
         if self.on_durable is not None:
             self.on_durable(self.index, "")  # "" : every agent this worker held
+        if self.on_lost is not None:
+            self.on_lost(self.index)
 
     def _deliver(self, rid: Any, msg: Dict[str, Any]) -> None:
         box = self.inbox.get(rid)
@@ -136,7 +139,11 @@ class Lease:
 
 class Pool:
     def __init__(self, config: Dict[str, Any], workers: int, start_timeout: float = 600.0) -> None:
+        self.config, self.start_timeout = config, start_timeout
         self.handles = [Handle(i, dict(config, index=i)) for i in range(workers)]
+        self._restarting: Dict[int, int] = {}  # worker index -> failed starts in a row
+        self._stopping = False
+        self.max_restarts = 3
         try:
             self.n_ctx = [h.wait_ready(start_timeout) for h in self.handles][0]["n_ctx"]
         except BaseException:
@@ -147,13 +154,57 @@ class Pool:
         self.last_worker: Dict[str, int] = {}
         self._durable: Dict[str, asyncio.Event] = {}  # set once the agent's last turn is on disk
         self._idle: Optional[asyncio.Condition] = None
+        self._loop: Any = None
         self.handover_timeout = 120.0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._idle = asyncio.Condition()
+        self._loop = loop
         for h in self.handles:
-            h.on_durable = self._on_durable
-            h.start_reader(loop)
+            self._watch(h)
+
+    def _watch(self, h: Handle) -> None:
+        h.on_durable = self._on_durable
+        h.on_lost = self._lost
+        h.start_reader(self._loop)
+
+    def _lost(self, index: int) -> None:
+        """A worker died (a crash, the OOM killer): start another in its place. Its agents'
+        newest saved turns are on disk; a turn it was running answered 503."""
+        if self._stopping or index in self._restarting:
+            return
+        self._restarting[index] = 0
+        asyncio.ensure_future(self._replace(index))
+
+    async def _replace(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            log.warning("worker %d: starting a new one", index)
+            try:
+                handle = await loop.run_in_executor(None, self._start, index)
+            except WorkerDied as exc:
+                failures = self._restarting[index] = self._restarting[index] + 1
+                log.error("worker %d could not be restarted (%s)", index, exc)
+                if failures >= self.max_restarts:
+                    log.error("worker %d: giving up after %d failed starts", index, failures)
+                    break
+                await asyncio.sleep(min(30.0, 2.0 ** failures))
+                continue
+            old, self.handles[index] = self.handles[index], handle
+            old.stop(timeout=1.0)
+            self._watch(handle)
+            break
+        self._restarting.pop(index, None)
+        await self._wake()
+
+    def _start(self, index: int) -> Handle:
+        handle = Handle(index, dict(self.config, index=index))
+        try:
+            handle.wait_ready(self.start_timeout)
+        except BaseException:
+            handle.stop(timeout=1.0)
+            raise
+        return handle
 
     def _on_durable(self, worker: int, agent: str) -> None:
         for a in ([agent] if agent else [a for a, w in self.last_worker.items() if w == worker]):
@@ -179,7 +230,7 @@ class Pool:
         try:
             async with self._idle:
                 while True:
-                    if not self.alive:
+                    if not self.alive and not self._restarting:
                         raise WorkerDied("no worker is running")
                     free = [h for h in self.alive if not h.busy]
                     if free:
@@ -258,5 +309,6 @@ class Pool:
         return list(await asyncio.gather(*(one(h) for h in self.alive)))
 
     def stop(self) -> None:
+        self._stopping = True
         for h in self.handles:
             h.stop()
