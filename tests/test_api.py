@@ -139,3 +139,36 @@ def test_background_saves_pause_only_for_a_first_token(llm, tmp_path):
         mem.flush()
     assert any(name == "drain" for name, _ in waits)
     assert all(free for _, free in waits), waits
+
+
+def test_two_processes_hand_an_agent_over_through_the_disk(llm, tmp_path):
+    """Two memories on one cache_dir (as two server workers): one waits for the agent's save,
+    the other continues it from disk, and the first drops its stale copy before taking the
+    agent back, which it then reads from disk too. Every answer equals a never-evicted run."""
+    from conftest import make_llm
+    questions = ["Plan a trip to Rome.", "Now shorten it.", "Add a budget line."]
+    cache = tmp_path / "shared"
+
+    def ask(mem, history, q):
+        history.append({"role": "user", "content": q})
+        out = mem.create_chat_completion("planner", messages=history, temperature=0,
+                                         max_tokens=12)["choices"][0]["message"]["content"]
+        history.append({"role": "assistant", "content": out})
+        return out, mem.last_turn.source
+
+    with AgentMemory(llm, cache_dir=tmp_path / "ref") as ref_mem:
+        ref_history: list = []
+        reference = [ask(ref_mem, ref_history, q)[0] for q in questions]
+    other = make_llm()
+    with AgentMemory(llm, cache_dir=cache) as a, AgentMemory(other, cache_dir=cache) as b:
+        history: list = []
+        got = [ask(a, history, questions[0])]
+        assert a.wait_durable("planner", timeout=60)
+        got.append(ask(b, history, questions[1]))  # b reads a's turn from disk
+        assert b.wait_durable("planner", timeout=60)
+        assert a.discard_local("planner") is True  # a's live copy is older than the disk's
+        assert a.discard_local("planner") is False
+        got.append(ask(a, history, questions[2]))
+    other.close()
+    assert [s for _, s in got] == ["cold", "disk", "disk"]
+    assert [t for t, _ in got] == reference
