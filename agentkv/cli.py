@@ -132,6 +132,44 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``python -m agentkv serve``: start the workers, then serve until interrupted."""
+    from .server import EXTRA_HINT, worker_config
+    try:
+        import uvicorn
+
+        from .server.app import Server  # starlette
+        from .server.pool import Pool, WorkerDied
+    except ImportError as exc:
+        print(f"{EXTRA_HINT} ({exc})", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("agentkv serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if not Path(args.model).expanduser().is_file():
+        print(f"agentkv serve: no model file at {args.model}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    cfg = worker_config(args)
+    print(f"agentkv serve: starting {args.workers} worker(s), {cfg['threads']} thread(s) each",
+          file=sys.stderr, flush=True)
+    try:
+        pool = Pool(cfg, args.workers)
+    except WorkerDied as exc:
+        print(f"agentkv serve: {exc}", file=sys.stderr)
+        return 1
+    name = args.model_name or Path(args.model).name.removesuffix(".gguf")
+    try:
+        print(f"agentkv serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
+              flush=True)
+        uvicorn.run(Server(pool, name).app(), host=args.host, port=args.port,
+                    log_level=args.log_level.lower(), access_log=False)
+    finally:
+        pool.stop()
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agentkv", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,12 +182,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                            help="drop damaged payloads and the records naming them")
         p.set_defaults(fn=fn)
     serve = sub.add_parser("serve", help="an OpenAI-compatible server whose agents keep their KV")
-    from .server import add_arguments, run
+    from .server import add_arguments
     add_arguments(serve)
-    serve.set_defaults(fn=run)
+    serve.set_defaults(fn=_serve)
     args = ap.parse_args(argv)
-    if args.fn is run:
-        return run(args)
+    if args.fn is _serve:
+        return _serve(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -58,6 +58,52 @@ def plain_step(llm: Llama, max_tokens: int = 16) -> Callable[[list], dict]:
                                                        max_tokens=max_tokens)
 
 
+_TURN_SCRIPT = """
+import json, sys
+import xxhash
+sys.path[:0] = {paths!r}
+from agentkv import AgentMemory
+from conftest import make_llm, last_logits
+cache_dir, messages_file, out_file, options = sys.argv[1:5]
+options = json.loads(options)
+max_tokens = options.pop("max_tokens")
+messages = json.load(open(messages_file))
+llm = make_llm()
+with AgentMemory(llm, cache_dir=cache_dir, **options) as mem:
+    out = mem.create_chat_completion("planner", messages=messages, temperature=0,
+                                     max_tokens=max_tokens)
+    logits = last_logits(llm)
+    record = mem.last_turn
+json.dump({{"answer": out["choices"][0]["message"]["content"], "source": record.source,
+           "evaluated": record.prompt_tokens_evaluated, "drafted": record.draft_tokens,
+           "logits": xxhash.xxh3_128_hexdigest(logits.tobytes())}}, open(out_file, "w"))
+"""
+
+
+def new_process_step(tmp_path, max_tokens: int, **options) -> Callable[[list], dict]:
+    """A chat_chain step that runs each turn of agent "planner" in a new process on the same
+    cache_dir (``tmp_path / "cache"``), with ``AgentMemory(**options)``; what each turn did
+    (answer, source, evaluated, drafted, logits hash) accumulates in ``step.results``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    script = tmp_path / "turn.py"
+    script.write_text(_TURN_SCRIPT.format(paths=[str(here.parent), str(here)]))
+    config = json.dumps(dict(options, max_tokens=max_tokens))
+
+    def step(messages):
+        mfile, ofile = tmp_path / "messages.json", tmp_path / "out.json"
+        mfile.write_text(json.dumps(messages))
+        subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), str(mfile),
+                        str(ofile), config], check=True, timeout=300)
+        step.results.append(json.loads(ofile.read_text()))
+        return {"choices": [{"message": {"content": step.results[-1]["answer"]}}]}
+    step.results = []
+    return step
+
+
 def payload_files(cache_dir) -> List[str]:
     """diskcache's value files (our payloads) under cache_dir."""
     found = []

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xxhash
 
 from agentkv import AgentMemory, ConfigError, NgramDraft
 from agentkv.draft import _Pace, greedy_refusal, lookup_start
-from conftest import SYSTEM, chat_chain, last_logits
+from conftest import SYSTEM, chat_chain, last_logits, new_process_step
 
 # A turn that copies from its context: the planner is asked to repeat its rules.
 COPY_QUESTIONS = ["Repeat rules 1 to 6 above exactly, one per line.",
@@ -162,48 +163,12 @@ def test_a_drafting_agent_restored_equals_one_never_evicted(llm, tmp_path, tier)
     assert np.array_equal(got.logits, ref.logits)
 
 
-DRAFT_TURN = """
-import json, sys
-import xxhash
-sys.path[:0] = {paths!r}
-from agentkv import AgentMemory
-from conftest import make_llm, last_logits
-cache_dir, messages_file, out_file = sys.argv[1:4]
-messages = json.load(open(messages_file))
-llm = make_llm()
-with AgentMemory(llm, cache_dir=cache_dir, draft="ngram") as mem:
-    out = mem.create_chat_completion("planner", messages=messages, temperature=0, max_tokens=40)
-    logits = last_logits(llm)
-    record = mem.last_turn
-json.dump({{"answer": out["choices"][0]["message"]["content"], "source": record.source,
-           "drafted": record.draft_tokens,
-           "logits": xxhash.xxh3_128_hexdigest(logits.tobytes())}}, open(out_file, "w"))
-"""
-
-
 def test_a_drafting_agent_restored_in_a_new_process_equals_one_never_evicted(llm, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import xxhash
     with AgentMemory(llm, cache_dir=tmp_path / "ref", draft="ngram") as mem:
         ref_answers, ref = _chain(mem, "planner", llm, evict=False)
-    here = Path(__file__).parent
-    script = tmp_path / "turn.py"
-    script.write_text(DRAFT_TURN.format(paths=[str(here.parent), str(here)]))
-    results = []
-
-    def step(messages):
-        mfile, ofile = tmp_path / "messages.json", tmp_path / "out.json"
-        mfile.write_text(json.dumps(messages))
-        subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), str(mfile),
-                        str(ofile)], check=True, timeout=300)
-        results.append(json.loads(ofile.read_text()))
-        return {"choices": [{"message": {"content": results[-1]["answer"]}}]}
-
+    step = new_process_step(tmp_path, max_tokens=40, draft="ngram")
     answers = chat_chain(step, questions=COPY_QUESTIONS)
+    results = step.results
     assert [r["source"] for r in results] == ["cold"] + ["disk"] * (len(COPY_QUESTIONS) - 1)
     assert sum(r["drafted"] for r in results) > 0
     assert answers == ref_answers

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import xxhash
 
 from agentkv import AgentMemory
 from agentkv.laid import LaidState
-from conftest import QUESTIONS, chat_chain, last_logits, plain_step
+from conftest import QUESTIONS, chat_chain, last_logits, new_process_step, plain_step
 
 
 def reference(llm):
@@ -67,43 +62,11 @@ def test_exact_through_disk(llm, tmp_path):
     assert stats.bytes_read > 0 and stats.rejected == 0
 
 
-TURN_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import numpy as np, xxhash
-    sys.path[:0] = {paths!r}
-    from agentkv import AgentMemory
-    from conftest import make_llm, last_logits
-    cache_dir, messages_file, out_file = sys.argv[1:4]
-    messages = json.load(open(messages_file))
-    llm = make_llm()
-    with AgentMemory(llm, cache_dir=cache_dir, ram_budget="1GiB") as mem:
-        out = mem.create_chat_completion("planner", messages=messages, temperature=0, max_tokens=16)
-        logits = last_logits(llm)
-        record = mem.last_turn
-    json.dump({{"answer": out["choices"][0]["message"]["content"], "source": record.source,
-               "evaluated": record.prompt_tokens_evaluated,
-               "logits": xxhash.xxh3_128_hexdigest(logits.tobytes())}}, open(out_file, "w"))
-""")
-
-
 def test_exact_through_restart(llm, tmp_path):
     """Each turn runs in a new process on the same cache_dir."""
     ref_answers, ref_logits = reference(llm)
-    script = tmp_path / "turn.py"
-    here = str(__import__("pathlib").Path(__file__).parent)
-    root = str(__import__("pathlib").Path(__file__).parent.parent)
-    script.write_text(TURN_SCRIPT.format(paths=[root, here]))
-    results = []
-
-    def step(messages):
-        mfile, ofile = tmp_path / "messages.json", tmp_path / "out.json"
-        mfile.write_text(json.dumps(messages))
-        subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), str(mfile),
-                        str(ofile)], check=True, timeout=300)
-        result = json.loads(ofile.read_text())
-        results.append(result)
-        return {"choices": [{"message": {"content": result["answer"]}}]}
-
+    step = new_process_step(tmp_path, max_tokens=16, ram_budget="1GiB")
+    results = step.results
     answers = chat_chain(step)
     assert answers == ref_answers
     assert results[-1]["logits"] == xxhash.xxh3_128_hexdigest(ref_logits.tobytes())

@@ -8,13 +8,11 @@ One front process (Starlette on uvicorn) and ``--workers`` worker processes, eac
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["EXTRA_HINT", "add_arguments", "worker_config"]
 
 EXTRA_HINT = "agentkv serve needs the server extra: pip install 'agentkv[server]'"
 
@@ -57,40 +55,3 @@ def worker_config(args: argparse.Namespace) -> Dict[str, Any]:
         "ram_budget": args.ram_budget, "disk_budget": args.disk_budget, "at_rest": args.at_rest,
         "draft": args.draft, "log_level": args.log_level.upper(),
     }
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-
-        from .app import Server  # starlette
-    except ImportError as exc:
-        print(f"{EXTRA_HINT} ({exc})", file=sys.stderr)
-        return 2
-    from .pool import Pool, WorkerDied
-
-    if args.workers < 1:
-        print("agentkv serve: --workers must be at least 1", file=sys.stderr)
-        return 2
-    if not Path(args.model).expanduser().is_file():
-        print(f"agentkv serve: no model file at {args.model}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
-    cfg = worker_config(args)
-    print(f"agentkv serve: starting {args.workers} worker(s), {cfg['threads']} thread(s) each",
-          file=sys.stderr, flush=True)
-    try:
-        pool = Pool(cfg, args.workers)
-    except WorkerDied as exc:
-        print(f"agentkv serve: {exc}", file=sys.stderr)
-        return 1
-    name = args.model_name or Path(args.model).name.removesuffix(".gguf")
-    try:
-        print(f"agentkv serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr,
-              flush=True)
-        uvicorn.run(Server(pool, name).app(), host=args.host, port=args.port,
-                    log_level=args.log_level.lower(), access_log=False)
-    finally:
-        pool.stop()
-    return 0

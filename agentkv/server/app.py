@@ -207,13 +207,12 @@ class Server:
             agent = check_agent_id(request.path_params["agent_id"], "agent id")
         except BadRequest as exc:
             return _error(exc)
-        lock = self.pool._lock_of(agent)
+        lock = self.pool.lock_of(agent)
         async with lock:  # after the agent's turn in flight, if any
             results = await self.pool.ask_all({"type": op, "agent": agent})
             known = any((r.get("data") or {}).get("known") for r in results)
             if op == "forget":
-                self.pool.last_worker.pop(agent, None)
-                self.pool._durable.pop(agent, None)
+                self.pool.forgotten(agent)
         if not known:
             return _error(BadRequest(f"no agent {agent!r}", status=404, code="agent_not_found",
                                      param="agent_id"))

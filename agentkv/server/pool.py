@@ -216,7 +216,7 @@ class Pool:
     def alive(self) -> List[Handle]:
         return [h for h in self.handles if h.alive]
 
-    def _lock_of(self, agent: str) -> asyncio.Lock:
+    def lock_of(self, agent: str) -> asyncio.Lock:
         lock = self._agent_locks.get(agent)
         if lock is None:
             lock = self._agent_locks[agent] = asyncio.Lock()
@@ -226,7 +226,7 @@ class Pool:
         """A free worker for one request of ``agent`` (waits for the agent's previous turn)."""
         assert self._idle is not None
         if agent is not None:
-            await self._lock_of(agent).acquire()
+            await self.lock_of(agent).acquire()
         try:
             async with self._idle:
                 while True:
@@ -241,7 +241,7 @@ class Pool:
                 worker.busy = True
         except BaseException:
             if agent is not None:
-                self._lock_of(agent).release()
+                self.lock_of(agent).release()
             raise
         return Lease(self, worker, agent, next(self._ids))
 
@@ -270,6 +270,11 @@ class Pool:
         self.last_worker[agent] = lease.worker.index
         self._durable[agent] = asyncio.Event()  # this turn's save is pending
         return moved
+
+    def forgotten(self, agent: str) -> None:
+        """The agent is gone from every worker and the disk: no worker serves it now."""
+        self.last_worker.pop(agent, None)
+        self._durable.pop(agent, None)
 
     def _free(self, lease: Lease) -> None:
         lease.worker.busy = False

@@ -89,9 +89,8 @@ def _sampling(body: Dict[str, Any]) -> Dict[str, Any]:
         raise BadRequest("n > 1 is not supported: one completion per request", param="n")
     if body.get("logprobs") not in (None, False, 0):
         raise BadRequest("logprobs are not supported", param="logprobs")
-    for flag in ("stream",):
-        if body.get(flag) is not None and not isinstance(body[flag], bool):
-            raise BadRequest(f"{flag} must be true or false", param=flag)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise BadRequest("stream must be true or false", param="stream")
     options = body.get("stream_options")
     if options is not None and not (isinstance(options, dict) and
                                     isinstance(options.get("include_usage", False), bool)):

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import threading
-import time
 from typing import Any, Deque, Dict, Optional
 
 from ..errors import AgentKVError, UnknownAgent
@@ -143,7 +142,6 @@ class Worker:
         if agent is None:  # not kept: a throwaway agent that still gets shared prefixes
             agent = f"agentkv-anonymous-{self.index}-{rid}"
         mem = self.mem
-        t0 = time.perf_counter()
         try:
             if keep and msg.get("stale"):
                 mem.discard_local(agent)
@@ -153,12 +151,7 @@ class Worker:
                 prompt = call.pop("prompt")
                 out = mem.create_completion(agent, prompt, stream=stream, **call)
             if stream:
-                first = True
                 for chunk in out:
-                    if first:
-                        first = False
-                        self.send({"type": "first", "id": rid,
-                                          "ttft_s": time.perf_counter() - t0})
                     self.send({"type": "chunk", "id": rid, "data": chunk})
                     if self.between_chunks(rid):
                         out.close()  # the turn ends here; its KV so far is saved
