@@ -12,6 +12,7 @@ from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatc
                      UnknownAgent, UnsupportedLlamaCpp)
 from .draft import NgramDraft
 from .memory import AgentMemory
+from .shared import SharedTier
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
 
@@ -22,6 +23,7 @@ __all__ = [
     "TurnRecord",
     "MemoryConfig",
     "NgramDraft",
+    "SharedTier",
     "parse_size",
     "AgentKVError",
     "ConfigError",

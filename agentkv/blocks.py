@@ -289,6 +289,11 @@ class Record:
     # positions 0..exact-1 hold the KV a cold prefill of any prompt starting with these tokens
     # computes, bit for bit (evaluated from 0 in whole n_batch batches; see Engine.cold_exact)
     exact: int = 0
+    # which save of the agent this is: its generation (one more than the state it continued)
+    # and a random id of the save (two workers that continued one generation differ in it);
+    # the shared tier accepts a manifest only over an older generation (shared.py)
+    gen: int = 0
+    sid: str = ""
     last_used: float = field(default=0.0, compare=False)
 
     def keys(self) -> List[str]:
@@ -308,6 +313,8 @@ class Record:
              "block_tokens": self.block_tokens, "chain": self.chain, "first": self.first,
              "blocks": self.blocks, "fp": self.fingerprint, "saved_at": self.saved_at,
              "tail": self.tail, "shape": self.shape, "exact": self.exact}
+        if self.gen or self.sid:
+            d["gen"], d["sid"] = self.gen, self.sid
         return json.dumps(d, separators=(",", ":"), allow_nan=False).encode("utf-8", "surrogatepass")
 
     @classmethod
@@ -333,7 +340,8 @@ class Record:
                     blocks=[_strs(b) for b in _list(d["blocks"])],
                     fingerprint=_str(d["fp"]), saved_at=_float(d["saved_at"]),
                     tail=None if d.get("tail") is None else _str(d["tail"]),
-                    shape=d.get("shape"), exact=_int(d.get("exact", 0)))
+                    shape=d.get("shape"), exact=_int(d.get("exact", 0)),
+                    gen=_int(d.get("gen", 0)), sid=_str(d.get("sid", "")))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             if isinstance(exc, CorruptEntry):
                 raise
@@ -345,7 +353,7 @@ class Record:
               and len(r.chain) * r.block_tokens <= r.n_tokens and r.exact <= r.n_tokens
               and all(f + len(b) <= len(r.chain) for f, b in zip(r.first, r.blocks))
               and (r.tail is None or (r.tail.startswith("kv/") and _hex32(r.tail[3:])))
-              and (r.shape is None or isinstance(r.shape, dict))
+              and (r.shape is None or isinstance(r.shape, dict)) and len(r.sid) <= 64
               and (r.kind == "agent") == (r.tail is not None))
         if not ok:
             raise CorruptEntry("record fields are inconsistent")

@@ -21,11 +21,12 @@ import atexit
 import logging
 import threading
 import time
+import uuid
 import weakref
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .atrest import code_of
 from .config import MemoryConfig, SizeLike
@@ -34,6 +35,7 @@ from .engine import Engine, hash_file
 from .errors import (ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId, MemoryClosed,
                      NotACache, RestoreFailed, TurnInProgress, UnknownAgent)
 from .residency import RamTier
+from .shared import RedisTier, Remote, SharedTier, shared_config
 from .snapshot import Snapshot
 from .stats import AgentInfo, MemoryStats, TurnRecord
 from .store import DiskStore, NoDisk, agent_key
@@ -108,13 +110,19 @@ class AgentMemory:
             from their context; a drafted greedy output can differ from an undrafted one at
             a near-tie (batch rounding), so it is opt-in. Per call: ``draft=False`` (or
             "ngram") as a keyword of ``create_completion``/``create_chat_completion``/``agent``.
+        shared: None (default), a ``redis://host:port/db`` URL or a
+            :class:`~agentkv.SharedTier`: a tier shared by workers and machines (Redis or
+            Valkey; ``pip install 'agentkv[redis]'``). Every save also publishes the agent's
+            new blocks and its manifest there; a turn whose agent another worker ran since
+            restores that worker's newest turn from it. Local tiers stay in front of it, and
+            a slow or dead server costs at most its timeout (README: several workers).
     """
 
     def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
                  ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB",
                  block_tokens: int = 256, share_prefixes: Union[bool, str] = True,
                  at_rest: Optional[str] = None, ram_laid_out: bool = True,
-                 draft: DraftLike = None) -> None:
+                 draft: DraftLike = None, shared: Union[None, str, SharedTier] = None) -> None:
         self._engine = Engine(llm)  # NotALlama first: nothing else is touched on bad input
         if not isinstance(ram_laid_out, bool):
             raise ConfigError(f"ram_laid_out must be True or False, not {ram_laid_out!r}")
@@ -124,12 +132,17 @@ class AgentMemory:
             raise ConfigError(f"share_prefixes must be True, False or 'any', not {share_prefixes!r}")
         self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
         rest = code_of(at_rest)
+        shared_cfg = shared_config(shared)
+        # the client (redis missing: ConfigError naming the extra); keys bound below
+        self._shared = None if shared_cfg is None else RedisTier(shared_cfg, b"", self._count)
         self._closed = True  # until the end of __init__
         self._take_over(llm)  # a previous memory of this Llama flushes its agents first
         self._engine.check_format()  # UnsupportedLlamaCpp before anything is written
         self._store = self._open_store(rest)
         self._rest = rest
         self._fingerprint = self._make_fingerprint()
+        if self._shared is not None:
+            self._shared.bind(self._fingerprint)
         self._ram = RamTier(self._config.ram_budget)
         self._stats = MemoryStats()
         self._lock = threading.Lock()  # the context: one turn at a time
@@ -137,6 +150,11 @@ class AgentMemory:
         self._state_lock = threading.Lock()  # _wanted and counters shared with the writer
         self._wanted: Dict[str, int] = {}  # agent -> generation that should reach disk
         self._durable: Dict[str, int] = {}  # agent -> generation that did
+        # agent -> (generation, save id) of the newest state this process holds of it
+        self._versions: Dict[str, Tuple[int, str]] = {}
+        # agent -> (write generation, its version, the lease token its publish releases)
+        self._meta: Dict[str, Tuple[int, Tuple[int, str], Optional[str]]] = {}
+        self._lease: Optional[str] = None  # the shared tier's lease of the turn's agent
         self._generation = 0
         self._last_used: Dict[str, float] = {}
         self._live: Optional[str] = None
@@ -318,6 +336,11 @@ class AgentMemory:
             except Exception as exc:  # noqa: BLE001
                 self._store_failed(f"deleting agent {agent_id!r} from disk", exc)
             self._last_used.pop(agent_id, None)
+            with self._state_lock:
+                self._versions.pop(agent_id, None)
+                self._meta.pop(agent_id, None)
+            if self._shared is not None:
+                self._shared.forget(agent_id)
             if not known:
                 raise UnknownAgent(f"no agent {agent_id!r} in this memory")
 
@@ -338,6 +361,8 @@ class AgentMemory:
             with self._state_lock:
                 self._wanted.pop(agent_id, None)
                 self._durable.pop(agent_id, None)
+                self._versions.pop(agent_id, None)
+                self._meta.pop(agent_id, None)
             return dropped
 
     def wait_durable(self, agent_id: str, timeout: Optional[float] = None) -> bool:
@@ -365,6 +390,8 @@ class AgentMemory:
                 self._writer.close()
                 self._engine.uninstall()
                 self._store.close()
+                if self._shared is not None:
+                    self._shared.close()
                 atexit.unregister(self._at_exit)
                 self._closed = True
 
@@ -437,6 +464,9 @@ class AgentMemory:
                 self._save_live()  # durable after every turn; the next switch moves no bytes
             finally:
                 self._engine.draft = None
+                if self._lease is not None and self._shared is not None:  # nothing to publish
+                    self._shared.release(agent_id, self._lease)
+                    self._lease = None
                 if own_cache is not None:
                     llm.cache = own_cache
                 self._writer_may_run.set()  # the turn made no token (or made them all)
@@ -465,6 +495,8 @@ class AgentMemory:
         self._engine.clear()
         self._live, self._live_saved = None, None
         self._fingerprint = fingerprint
+        if self._shared is not None:
+            self._shared.bind(fingerprint)
 
     def _call(self, agent_id: str, call: Callable[[Any], Any], stream: bool,
               draft: Optional[NgramDraft]) -> Any:
@@ -509,17 +541,21 @@ class AgentMemory:
     # -- moving KV between tiers ----------------------------------------------------------
 
     def _activate(self, agent_id: str) -> TurnRecord:
+        remote = self._newer_shared(agent_id)
         if self._live == agent_id:
-            return TurnRecord(agent_id, "live")
+            if remote is None:
+                return TurnRecord(agent_id, "live")
+            self._engine.clear()  # another worker ran it since: this copy is behind
+            self._live, self._live_saved = None, None
         t0 = time.perf_counter()
         held = self._ram.pop(agent_id)  # first: its RAM slot goes to the agent leaving
         self._evict_live(defer=True)
         t1 = time.perf_counter()
-        if held is None:
+        if held is None or remote is not None:
             self._wait_writer(agent_id)  # a snapshot of it may still be on its way to disk
         self._writer_may_run.clear()  # until the first token: background saves yield
         try:
-            source = self._restore(agent_id, held)
+            source = self._restore(agent_id, held, remote)
         except BaseException:
             self._writer_may_run.set()
             raise
@@ -529,10 +565,15 @@ class AgentMemory:
             self._stats.restore_seconds += t2 - t1
         return TurnRecord(agent_id, source, restore_seconds=t2 - t1, save_seconds=t1 - t0)
 
-    def _next_generation(self, agent_id: str) -> int:
+    def _next_generation(self, agent_id: str, lease: Optional[str] = None) -> int:
+        """A new write generation of the agent, and a new version of its state (the
+        generation the shared tier compares, one more than the state it continued)."""
         with self._state_lock:
             self._generation += 1
             self._wanted[agent_id] = self._generation
+            version = (self._versions.get(agent_id, (0, ""))[0] + 1, uuid.uuid4().hex[:16])
+            self._versions[agent_id] = version
+            self._meta[agent_id] = (self._generation, version, lease)
             return self._generation
 
     def _evict_live(self, defer: bool = False) -> None:
@@ -556,26 +597,88 @@ class AgentMemory:
                 self._rewrite_if_lost(victim, pushed)
                 self._wait_writer(victim)
 
-    def _restore(self, agent_id: str, snap: Optional[Snapshot]) -> str:
-        source = "ram"
-        if snap is None:
-            snap, source = self._read_disk(agent_id), "disk"
-        if snap is None:
-            self._engine.clear()
-            return "cold"
+    def _restore(self, agent_id: str, held: Optional[Snapshot], remote: Optional[Remote]) -> str:
+        """Restore the agent from the first tier that has it: the shared tier when another
+        worker ran it since, else RAM, else disk; "cold" if none does."""
+        sources: List[Tuple[str, Callable[[], Optional[Snapshot]]]] = [
+            ("ram", lambda: held), ("disk", lambda: self._read_disk(agent_id))]
+        if remote is not None:
+            sources.insert(0, ("shared", lambda: self._read_shared(agent_id, remote)))
+        for source, read in sources:
+            snap = read()
+            if snap is None:
+                continue
+            try:
+                self._engine.restore(snap)
+            except (CorruptEntry, RestoreFailed) as exc:
+                self._engine.clear()
+                if source == "disk" and isinstance(exc, CorruptEntry):  # found reading it in
+                    log.warning("agent %r: stored KV is damaged (%s)", agent_id, exc)
+                    self._drop_damaged(exc, agent_key(agent_id))
+                else:
+                    log.warning("agent %r: restoring its KV from %s failed (%s)",
+                                agent_id, source, exc)
+                    self._count(rejected=1)
+                continue
+            if source != "ram":
+                self._versions[agent_id] = snap.version
+            return source
+        self._engine.clear()
+        if remote is not None:  # the next save must be newer than what the shared tier holds
+            self._versions[agent_id] = (remote.record.gen, "")
+        return "cold"
+
+    def _newer_shared(self, agent_id: str) -> Optional[Remote]:
+        """Take the agent's lease on the shared tier and read its manifest there; return it
+        when it is newer than the state this process holds (another worker ran the agent
+        since), else None (the same or an older state; or no shared tier, or it is away)."""
+        if self._shared is None:
+            return None
+        remote, self._lease = self._shared.claim(agent_id)
+        if remote is None:
+            return None
+        mine = self._versions.get(agent_id)
+        if mine is None:
+            m = self._store.manifest(agent_id)
+            if m is not None and m.fingerprint == self._fingerprint.hex():
+                mine = (m.gen, m.sid)
+        theirs = remote.version
+        if mine is not None and (mine[0] > theirs[0] or mine == theirs):
+            return None  # ours, or newer than it (published when the tier comes back)
+        return remote
+
+    def _read_shared(self, agent_id: str, remote: Remote) -> Optional[Snapshot]:
+        """The agent's newest turn from the shared tier: its manifest's payloads this store
+        lacks are fetched, then everything is checked as a disk read is. None if that fails
+        (logged, counted; a damaged payload is deleted there)."""
+        shared = self._shared
+        assert shared is not None
+        fetched: Dict[str, Any] = {}
         try:
-            self._engine.restore(snap)
-        except (CorruptEntry, RestoreFailed) as exc:
-            self._engine.clear()
-            if source == "disk" and isinstance(exc, CorruptEntry):  # found while reading it in
-                log.warning("agent %r: stored KV is damaged (%s); prefilling", agent_id, exc)
-                self._drop_damaged(exc, agent_key(agent_id))
-            else:
-                log.warning("agent %r: restoring its KV from %s failed (%s); prefilling",
-                            agent_id, source, exc)
-                self._count(rejected=1)
-            return "cold"
-        return source
+            fetched = shared.fetch(self._store.missing(remote.record.keys()))
+            snap, _ = self._store.get(agent_id, self._fingerprint, scratch=True,
+                                      remote=(remote.raw, fetched))
+        except (CorruptEntry, FingerprintMismatch) as exc:
+            self._shared_damage(agent_id, exc, fetched)
+            return None
+        except Exception as exc:  # noqa: BLE001 - the local store failed, not the data
+            self._store_failed(f"reading agent {agent_id!r} from the shared tier", exc)
+            return None
+        return snap
+
+    def _shared_damage(self, agent_id: str, exc: BaseException, fetched: Dict[str, Any]) -> None:
+        """A read from the shared tier failed its checks: count it; a payload that is gone
+        is an eviction, a damaged one is deleted there (a later save sends it again)."""
+        payload = getattr(exc, "payload", None)
+        if payload in fetched and fetched[payload] is None:
+            log.info("agent %r: a payload of its shared state is gone from the shared tier "
+                     "(expired or evicted); restoring from what remains", agent_id)
+            self._count(shared_missing=1)
+            return
+        log.warning("agent %r: its state on the shared tier failed its checks (%s)", agent_id, exc)
+        self._count(rejected=1)
+        if payload in fetched and self._shared is not None:
+            self._shared.discard(payload)
 
     def _read_disk(self, agent_id: str) -> Optional[Snapshot]:
         try:
@@ -631,7 +734,8 @@ class AgentMemory:
         if self._live is not None and self._live_saved is None:
             t0 = time.perf_counter()
             snap = self._engine.snapshot(laid=self._laid)
-            self._writer.submit(self._live, snap, self._next_generation(self._live))
+            lease, self._lease = self._lease, None  # released when this save is published
+            self._writer.submit(self._live, snap, self._next_generation(self._live, lease))
             self._live_saved = snap
             with self._state_lock:
                 self._stats.save_seconds += time.perf_counter() - t0
@@ -666,16 +770,31 @@ class AgentMemory:
         self._wait_writer()  # a state on its way to disk may hold the prefix
         t0 = time.perf_counter()
         source = None
+        fetched: Dict[str, Any] = {}
+        extra: List[Any] = []
+        shared = self._shared
+
+        def fetch(keys: List[str]) -> Dict[str, Any]:
+            assert shared is not None
+            fetched.update(shared.fetch(keys))
+            return fetched
         try:
+            if shared is not None:
+                extra = shared.cuts(self._store.chain_of(prompt, self._fingerprint))
             snap, nread, source = self._store.find_prefix(
-                prompt, self._fingerprint, self._engine.n_swa, scratch=True, align=self._align)
+                prompt, self._fingerprint, self._engine.n_swa, scratch=True, align=self._align,
+                extra=extra, fetch=fetch if extra else None)
             if snap is None:
                 return
             self._engine.restore(snap)
         except (CorruptEntry, FingerprintMismatch, RestoreFailed) as exc:
+            self._engine.clear()
+            if source is None and getattr(exc, "payload", None) in fetched or \
+                    source is not None and source.startswith("shared:"):
+                self._shared_damage(record.agent_id, exc, fetched)
+                return
             log.warning("agent %r: a stored prefix failed its checks (%s); prefilling",
                         record.agent_id, exc)
-            self._engine.clear()
             if isinstance(exc, CorruptEntry):
                 self._drop_damaged(exc, source)
             else:
@@ -734,15 +853,28 @@ class AgentMemory:
         """Writer thread: put the snapshot on disk unless a newer one or a forget superseded it.
         A failure is logged and counted, never raised (the turn has long answered)."""
         t0 = time.perf_counter()
+        sink: Optional[Dict[str, Any]] = None if self._shared is None else {}
+        lease: Optional[str] = None
         try:
             if isinstance(agent_id, tuple):  # a shared prefix
-                written = self._store.put_cut(snap, self._fingerprint, self._yield_to_restores)
+                cut, written = self._store.put_cut(snap, self._fingerprint,
+                                                   self._yield_to_restores, sink)
+                if cut is not None and sink is not None and self._shared is not None:
+                    self._shared.publish_cut(cut, sink)
             else:
                 with self._state_lock:
                     if self._wanted.get(agent_id) != generation:
                         return
-                _, written = self._store.put(agent_id, snap, self._fingerprint,
-                                             self._yield_to_restores)
+                    meta = self._meta.get(agent_id)
+                    version = meta[1] if meta is not None and meta[0] == generation else (0, "")
+                    if meta is not None and meta[0] == generation and meta[2] is not None:
+                        lease = meta[2]
+                        self._meta[agent_id] = (meta[0], meta[1], None)
+                r, written = self._store.put(agent_id, snap, self._fingerprint,
+                                             self._yield_to_restores, version, sink)
+                if self._shared is not None and sink is not None and r is not None:
+                    self._shared.publish(r, sink, lease)
+                    lease = None
         except Exception as exc:  # noqa: BLE001
             if isinstance(agent_id, tuple):
                 what = "storing a shared prefix"
@@ -754,6 +886,9 @@ class AgentMemory:
                         "by flush(), evict() or when RAM pushes it out)")
             self._store_failed(what, exc)
             return
+        finally:
+            if lease is not None and self._shared is not None:  # not published: let go
+                self._shared.release(agent_id, lease)
         with self._state_lock:
             if not isinstance(agent_id, tuple):
                 self._durable[agent_id] = generation

@@ -50,12 +50,15 @@ class Snapshot:
         exact: positions ``0 .. exact-1`` hold the KV a cold prefill of any prompt that starts
             with these tokens computes, bit for bit (see :meth:`Engine.cold_exact`): the part
             another agent may share without departing from its own cold run.
+        version: ``(generation, save id)`` of the stored manifest it was read from
+            (``Record.gen``/``sid``), ``(0, "")`` for a snapshot taken from the context.
     """
 
     tokens: np.ndarray
     state: Union[Buffer, Parts, LaidState]
     logits: Optional[np.ndarray] = None
     exact: int = 0
+    version: Tuple[int, str] = (0, "")
 
     @property
     def n_tokens(self) -> int:

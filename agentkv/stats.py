@@ -7,7 +7,7 @@ from typing import Dict
 
 __all__ = ["SOURCES", "AgentInfo", "MemoryStats", "TurnRecord"]
 
-SOURCES = ("live", "ram", "disk", "prefix", "cold")
+SOURCES = ("live", "ram", "disk", "shared", "prefix", "cold")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class MemoryStats:
     Attributes:
         turns: turns run (calls and ``agent()`` blocks).
         hits: turns counted by where the agent's KV came from:
-            "live", "ram", "disk", "prefix", "cold".
+            "live", "ram", "disk", "shared" (the shared tier: another worker's turn),
+            "prefix" (a stored prefix, from disk or the shared tier), "cold".
         prompt_tokens_evaluated: prompt tokens the model evaluated.
         prompt_tokens_restored: prompt tokens served from restored KV instead.
         bytes_read: payload bytes read from disk.
@@ -54,6 +55,15 @@ class MemoryStats:
         draft_tokens: tokens drafted (self-draft decoding, ``draft="ngram"``).
         draft_accepted: drafted tokens the model agreed with (each saved a decode step).
         draft_rejected: drafted tokens it did not (their KV was dropped).
+        shared_bytes_read: payload bytes read from the shared tier (``shared=``).
+        shared_bytes_sent: payload bytes sent to it (blocks it lacked, tails).
+        shared_refused: saves it refused because another worker had published a newer
+            turn of the agent (the agent's next turn continues from that one).
+        shared_missing: restores that found a payload gone from it (expired or evicted by
+            the server); the agent was restored from what remained or prefilled.
+        shared_errors: calls to it that failed or timed out (logged; the turn went on with
+            the local tiers, and calls resume after a backoff of up to 30 s).
+        shared_wait_seconds: time turns waited for another worker's turn of the same agent.
     """
 
     turns: int = 0
@@ -72,6 +82,12 @@ class MemoryStats:
     agents: int = 0
     draft_tokens: int = 0
     draft_accepted: int = 0
+    shared_bytes_read: int = 0
+    shared_bytes_sent: int = 0
+    shared_refused: int = 0
+    shared_missing: int = 0
+    shared_errors: int = 0
+    shared_wait_seconds: float = 0.0
 
     @property
     def draft_rejected(self) -> int:

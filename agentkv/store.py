@@ -37,7 +37,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import diskcache
 import numpy as np
@@ -90,6 +90,16 @@ def _close_files(pieces: Iterable[seqpieces.Piece]) -> None:
         if isinstance(p, seqpieces.FilePiece):
             with contextlib.suppress(Exception):
                 p.data[0].close()
+
+
+Overlay = Dict[str, Optional[bytes]]  # payloads read from the shared tier (None: not there)
+
+
+def _overlaid(overlay: Overlay, key: str) -> bytes:
+    value = overlay[key]
+    if value is None:
+        raise CorruptEntry(f"payload {key} is missing from the shared tier")
+    return value
 
 
 def _record_key(r: Record) -> str:
@@ -301,19 +311,21 @@ class DiskStore:
                 out.append((key, exc))
         return out
 
-    def check_record(self, r: Record) -> int:
+    def check_record(self, r: Record, remote: Optional[Tuple[bytes, Overlay]] = None) -> int:
         """Read and check everything ``r`` names (digests, chain keys, the tail); raise
-        CorruptEntry if anything is damaged or missing. Returns the bytes read."""
+        CorruptEntry if anything is damaged or missing. Returns the bytes read.
+        ``remote``: ``r``'s bytes and its payloads, read from the shared tier."""
         fingerprint = bytes.fromhex(r.fingerprint)
         if r.kind == "agent":
-            snap, nread = self.get(r.name, fingerprint)
+            snap, nread = self.get(r.name, fingerprint, remote=remote)
             if snap is None:
                 raise CorruptEntry("manifest vanished while it was checked")
             check_state(seqpieces.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
             return nread
         shape = seqpieces.Shape.from_json(r.shape)
         chain = [bytes.fromhex(c) for c in r.chain]  # hex: Record.from_bytes checked it
-        _, nread = self._load_blocks(r, shape, fingerprint, chain, len(chain), 0)
+        _, nread = self._load_blocks(r, shape, fingerprint, chain, len(chain), 0,
+                                     overlay=None if remote is None else remote[1])
         return nread
 
     def payload_rest(self, key: str) -> int:
@@ -393,11 +405,15 @@ class DiskStore:
         return chain, shape, first, blocks, rest
 
     def _write_blocks(self, blocks: List[List[Tuple[str, BlockPayload]]], sizes: Dict[str, int],
-                      pause: Callable[[], None], wrote: List[str]) -> int:
-        """Write the blocks the store lacks (their keys go to ``wrote``); bytes written."""
+                      pause: Callable[[], None], wrote: List[str],
+                      sink: Optional[Dict[str, Any]] = None) -> int:
+        """Write the blocks the store lacks (their keys go to ``wrote``); bytes written.
+        ``sink`` gets every block, written or not (``bytes()`` of one is its payload)."""
         written = 0
         for per_cache in blocks:
             for key, payload in per_cache:
+                if sink is not None:
+                    sink[key] = payload
                 sizes[key] = payload.nbytes
                 if key not in self._cache:
                     pause()
@@ -423,12 +439,15 @@ class DiskStore:
         self._seen_len = len(self._cache)
 
     def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes,
-            pause: Optional[Callable[[], None]] = None) -> Tuple[Optional[Record], int]:
+            pause: Optional[Callable[[], None]] = None, version: Tuple[int, str] = (0, ""),
+            sink: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Record], int]:
         """Persist ``snap`` as the agent's KV; return its manifest and the bytes written.
 
         Only blocks the store lacks are written, plus the tail. Returns ``(None, 0)`` when the
         state alone exceeds the budget (logged). ``pause`` is called before each step of
-        work, so that a background writer can give way to the foreground.
+        work, so that a background writer can give way to the foreground. ``version``: the
+        manifest's (generation, save id); ``sink`` receives every payload the manifest names
+        (key -> buffer), for the shared tier.
         """
         pause = pause or _go_on
         self._check_home()
@@ -449,7 +468,8 @@ class DiskStore:
         now = time.time()
         r = Record("agent", agent_id, snap.n_tokens, self.block_tokens, [c.hex() for c in chain],
                    first, [[k for k, _ in bs] for bs in blocks], fingerprint.hex(), now,
-                   tail="kv/" + tail_key, shape=shape.to_json(), exact=snap.exact)
+                   tail="kv/" + tail_key, shape=shape.to_json(), exact=snap.exact,
+                   gen=version[0], sid=version[1])
         r.last_used = now
         key = agent_key(agent_id)
         with self._write_lock.held():
@@ -457,7 +477,9 @@ class DiskStore:
             sizes: Dict[str, int] = {}
             wrote: List[str] = []
             try:
-                written = self._write_blocks(blocks, sizes, step, wrote)
+                written = self._write_blocks(blocks, sizes, step, wrote, sink)
+                if sink is not None:
+                    sink[r.tail] = tail_payload
                 sizes[r.tail] = len(tail_payload)
                 if r.tail not in self._cache:
                     step()
@@ -471,14 +493,16 @@ class DiskStore:
         return r, written
 
     def put_cut(self, snap: Snapshot, fingerprint: bytes,
-                pause: Optional[Callable[[], None]] = None) -> int:
-        """Store a shared prefix (whole blocks only, SWA window included); bytes written."""
+                pause: Optional[Callable[[], None]] = None,
+                sink: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Record], int]:
+        """Store a shared prefix (whole blocks only, SWA window included); its record (None
+        if not stored) and the bytes written. ``sink`` as in :meth:`put`."""
         pause = pause or _go_on
         self._check_home()
         split = self._blocks_of(snap, fingerprint, whole_only=True, pause=pause)
         if split is None or not split[0]:
             log.debug("cut at %d tokens is not whole blocks; not stored", snap.n_tokens)
-            return 0
+            return None, 0
         chain, shape, first, blocks = split[:4]
         now = time.time()
         r = Record("cut", chain[-1].hex(), snap.n_tokens, self.block_tokens,
@@ -490,12 +514,12 @@ class DiskStore:
             sizes: Dict[str, int] = {}
             wrote: List[str] = []
             try:
-                written = self._write_blocks(blocks, sizes, self._renewing(pause), wrote)
+                written = self._write_blocks(blocks, sizes, self._renewing(pause), wrote, sink)
                 self._commit(key, r, sizes, keep=key)
             except BaseException:
                 self._discard_unheld(wrote)
                 raise
-        return written
+        return r, written
 
     def _renewing(self, pause: Callable[[], None]) -> Callable[[], None]:
         """``pause``, renewing the write lock first: a holder that gives way to restores for
@@ -602,15 +626,24 @@ class DiskStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _open(self, key: str):
-        """A payload's open file, or its bytes when the index database holds it (small)."""
+    def missing(self, keys: Iterable[str]) -> List[str]:
+        """The payload keys this store does not hold."""
+        return [k for k in keys if k not in self._cache]
+
+    def _open(self, key: str, overlay: Optional[Overlay] = None):
+        """A payload's open file, or its bytes when the index database holds it (small);
+        ``overlay``'s bytes (payloads read from the shared tier) first."""
+        if overlay is not None and key in overlay:
+            return _overlaid(overlay, key)
         f = self._cache.get(key, read=True)
         if f is None:
             raise CorruptEntry(f"payload {key} is missing")
         return f.getvalue() if isinstance(f, io.BytesIO) else f
 
-    def _read(self, key: str, into: Optional[Arena] = None):
+    def _read(self, key: str, into: Optional[Arena] = None, overlay: Optional[Overlay] = None):
         """A payload's bytes; with ``into``, read straight into that arena (no copy)."""
+        if overlay is not None and key in overlay:
+            return _overlaid(overlay, key)
         if into is None:
             payload = self._cache.get(key)
             if payload is None:
@@ -627,8 +660,8 @@ class DiskStore:
         return view
 
     def _load_blocks(self, r: Record, shape: seqpieces.Shape, fingerprint: bytes,
-                     chain: List[bytes], upto: int, swa_from: int, into: Optional[Arena] = None
-                     ) -> Tuple[List[seqpieces.Piece], int]:
+                     chain: List[bytes], upto: int, swa_from: int, into: Optional[Arena] = None,
+                     overlay: Optional[Overlay] = None) -> Tuple[List[seqpieces.Piece], int]:
         """Pieces of blocks ``< upto`` (cache 0 from block 0, others from ``swa_from``).
 
         With ``into`` (a restore's scratch read) and exact rows, blocks come back as
@@ -645,7 +678,7 @@ class DiskStore:
                 key = keys[j - r.first[c]]
                 try:
                     nread += self._load_block(pieces, key, shape, fingerprint, chain[j], c, j * B,
-                                              B, in_place, into)
+                                              B, in_place, into, overlay)
                 except CorruptEntry as exc:
                     exc.payload = exc.payload or key  # the damaged payload: dropped and rewritten
                     exc.record = _record_key(r)
@@ -658,9 +691,9 @@ class DiskStore:
 
     def _load_block(self, pieces: List[seqpieces.Piece], key: str, shape: seqpieces.Shape,
                     fingerprint: bytes, chain: bytes, c: int, pos0: int, B: int, in_place: bool,
-                    into: Optional[Arena]) -> int:
+                    into: Optional[Arena], overlay: Optional[Overlay] = None) -> int:
         """Append block ``key``'s piece to ``pieces``; return the bytes it takes on disk."""
-        payload = self._open(key) if in_place else self._read(key, into)
+        payload = self._open(key, overlay) if in_place else self._read(key, into, overlay)
         if in_place and not isinstance(payload, bytes):  # a file: read in place later
             try:
                 size = os.fstat(payload.fileno()).st_size
@@ -673,18 +706,21 @@ class DiskStore:
         pieces.append(from_rest(shape, piece, self.at_rest, lazy=into is not None))
         return len(payload)
 
-    def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False
-            ) -> Tuple[Optional[Snapshot], int]:
+    def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False,
+            remote: Optional[Tuple[bytes, Overlay]] = None) -> Tuple[Optional[Snapshot], int]:
         """The agent's stored snapshot (checked) and the bytes read; ``(None, 0)`` if none.
 
         Raises CorruptEntry or FingerprintMismatch; the caller decides what to drop.
         ``scratch``: read into the store's reused buffer; the snapshot is then only valid until
         the next scratch read (AgentMemory restores it at once, inside its turn).
+        ``remote``: a manifest read from the shared tier and the payloads read with it (the
+        ones this store lacks); it is checked exactly as a manifest on disk.
         """
         into = self._arena if scratch else None
         key = agent_key(agent_id)
+        overlay = None if remote is None else remote[1]
         for attempt in range(2):  # another process may replace the agent's state under us
-            raw = self._cache.get(key)
+            raw = self._cache.get(key) if remote is None else remote[0]
             if raw is None:
                 with self._lock:
                     self._index.remove(key)
@@ -703,7 +739,7 @@ class DiskStore:
                 if into is not None:
                     into.reset()
                 try:
-                    tail_raw = self._read(r.tail, into)  # type: ignore[arg-type]
+                    tail_raw = self._read(r.tail, into, overlay)  # type: ignore[arg-type]
                     tail = decode_tail(tail_raw, fingerprint, r.tail[3:], self.at_rest)  # type: ignore[index]
                 except CorruptEntry as exc:
                     exc.payload = r.tail
@@ -714,9 +750,9 @@ class DiskStore:
                 if blocks_digest(r.first, r.blocks) != tail.digest:
                     raise CorruptEntry("the manifest's blocks are not the ones its tail was saved with")
                 pieces, nread = self._load_blocks(r, tail.shape, fingerprint, chain, len(chain), 0,
-                                                  into)
+                                                  into, overlay)
             except CorruptEntry as exc:
-                if attempt == 0 and self._cache.get(key) != raw:
+                if attempt == 0 and remote is None and self._cache.get(key) != raw:
                     continue  # replaced meanwhile: read the new one
                 exc.record = key
                 raise
@@ -725,8 +761,8 @@ class DiskStore:
                    for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(key)
-        return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits, r.exact),
-                nread + len(tail_raw))
+        return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits, r.exact,
+                         (r.gen, r.sid)), nread + len(tail_raw))
 
     def _touch(self, key: str) -> None:
         with self._lock:
@@ -753,9 +789,11 @@ class DiskStore:
                 return j
         return 0
 
-    def _best_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int, align: int
+    def _best_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int, align: int,
+                     extra: Sequence[Record] = ()
                      ) -> Tuple[int, int, Optional[Record], List[bytes]]:
-        """(shared blocks, restorable blocks, record to restore from, chain of tokens)."""
+        """(shared blocks, restorable blocks, record to restore from, chain of tokens);
+        ``extra``: records of the shared tier, considered after the ones on disk."""
         B = self.block_tokens
         chain = chain_keys(fingerprint, tokens, B)
         hexes = [c.hex() for c in chain]
@@ -763,7 +801,8 @@ class DiskStore:
         fp = fingerprint.hex()
         with self._lock:
             self._refresh()
-            for r in reversed(list(self._index.records.values())):  # most recently used first
+            # most recently used first
+            for r in [*reversed(list(self._index.records.values())), *extra]:
                 if r.fingerprint != fp or r.block_tokens != B or not r.chain:
                     continue
                 k = 0
@@ -777,17 +816,26 @@ class DiskStore:
                     best, best_r = j, r
         return shared, best, best_r, chain
 
+    def chain_of(self, tokens: np.ndarray, fingerprint: bytes) -> List[str]:
+        """The chain keys (hex) of the whole blocks of ``tokens``."""
+        return [c.hex() for c in chain_keys(fingerprint, tokens, self.block_tokens)]
+
     def find_prefix(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int,
-                    scratch: bool = False, align: int = 0
+                    scratch: bool = False, align: int = 0, extra: Sequence[Record] = (),
+                    fetch: Optional[Callable[[List[str]], Overlay]] = None
                     ) -> Tuple[Optional[Snapshot], int, Optional[str]]:
         """The longest stored prefix of ``tokens`` that can be restored exactly, as a snapshot
         of its first ``C`` tokens (C a multiple of block_tokens), and the bytes read.
         ``align`` (n_batch): only a prefix a cold prefill of ``tokens`` reproduces bit for bit
         (see Record.exact). ``scratch`` as in :meth:`get`. Also returns the key of the record
-        it read from."""
-        _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa, align)
+        it read from. ``extra``: records read from the shared tier, whose payloads this store
+        lacks ``fetch`` reads (a record of the shared tier is returned as "shared:<key>")."""
+        _, j, r, chain = self._best_prefix(tokens, fingerprint, n_swa, align, extra)
         if r is None or j == 0:
             return None, 0, None
+        overlay: Optional[Overlay] = None
+        if fetch is not None and any(r is x for x in extra):
+            overlay = fetch(self.missing(k for ks in r.blocks for k in ks))
         B = r.block_tokens
         C = j * B
         try:
@@ -799,11 +847,12 @@ class DiskStore:
         into = self._arena if scratch else None
         if into is not None:
             into.reset()
-        pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need, into)
+        pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need, into, overlay)
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(_record_key(r))
         return (Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
-                         None, min(C, r.exact)), nread, _record_key(r))
+                         None, min(C, r.exact)), nread,
+                ("shared:" if overlay is not None else "") + _record_key(r))
 
     def plan_cut(self, tokens: np.ndarray, fingerprint: bytes, n_swa: int, align: int = 0) -> int:
         """Where a new shared prefix should be stored: the end of the whole blocks ``tokens``
@@ -871,6 +920,12 @@ class NoDisk:
 
     def manifest(self, agent_id: str) -> Optional[Record]:
         return None
+
+    def missing(self, keys: Iterable[str]) -> List[str]:
+        return list(keys)
+
+    def chain_of(self, tokens: np.ndarray, fingerprint: bytes) -> List[str]:
+        return []
 
     def get(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         return None, 0
