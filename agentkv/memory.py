@@ -789,8 +789,7 @@ class AgentMemory:
             self._engine.restore(snap)
         except (CorruptEntry, FingerprintMismatch, RestoreFailed) as exc:
             self._engine.clear()
-            if source is None and getattr(exc, "payload", None) in fetched or \
-                    source is not None and source.startswith("shared:"):
+            if getattr(exc, "payload", None) in fetched:  # read from the shared tier
                 self._shared_damage(record.agent_id, exc, fetched)
                 return
             log.warning("agent %r: a stored prefix failed its checks (%s); prefilling",
@@ -807,10 +806,11 @@ class AgentMemory:
         dt = time.perf_counter() - t0
         record.source = "prefix"
         record.restore_seconds += dt
+        remote = sum(len(v) for v in fetched.values() if v is not None)
         with self._state_lock:
             self._stats.hits["cold"] -= 1
             self._stats.hits["prefix"] += 1
-            self._stats.bytes_read += nread
+            self._stats.bytes_read += max(0, nread - remote)  # the shared tier counts its own
             self._stats.restore_seconds += dt
 
     def _plan_cut(self, prompt: Any, reuse: int) -> int:

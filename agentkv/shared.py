@@ -71,6 +71,12 @@ if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, ARGV[1]}
 """
 
+# KEYS: manifest. ARGV: the record bytes found damaged: deleted unless replaced meanwhile.
+_DROP = """
+if redis.call('HGET', KEYS[1], 'rec') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -165,7 +171,8 @@ class RedisTier:
         except ValueError as exc:
             raise ConfigError(f"shared={cfg.url!r} is not a Redis URL: {exc}") from exc
         self._scripts = {name: self._client.register_script(src) for name, src in
-                         (("claim", _CLAIM), ("publish", _PUBLISH), ("release", _RELEASE))}
+                         (("claim", _CLAIM), ("publish", _PUBLISH), ("release", _RELEASE),
+                          ("drop", _DROP))}
         self._me = uuid.uuid4().hex[:16] + ":"
         self._turns = 0
         self._lock = threading.Lock()
@@ -229,8 +236,8 @@ class RedisTier:
             self._turns += 1
             token = f"{self._me}{self._turns}"
         ms = str(int(self.cfg.lease * 1000))
-        deadline = time.monotonic() + self.cfg.wait
-        waited = 0.0
+        start = time.monotonic()
+        deadline = start + self.cfg.wait
         while True:
             out = self._run("reading a manifest",
                             lambda: self._scripts["claim"](keys=[manifest, lease],
@@ -246,9 +253,8 @@ class RedisTier:
                 token = None
                 break
             time.sleep(min(0.01, deadline - now))
-            waited = self.cfg.wait - (deadline - time.monotonic())
-        if waited:
-            self._count(shared_wait_seconds=waited)
+        if int(out[0]) != 1 or time.monotonic() - start > 0.05:
+            self._count(shared_wait_seconds=time.monotonic() - start)
         gen, rec = out[2], out[3]
         if not rec:
             return None, token
@@ -258,6 +264,9 @@ class RedisTier:
             log.warning("agent %r: its manifest on the shared tier is not restored: %s",
                         agent_id, exc)
             self._count(rejected=1)
+            if isinstance(exc, CorruptEntry) and not exc.future:  # damaged: would block
+                self._run("deleting a damaged manifest",  # every later publish
+                          lambda: self._scripts["drop"](keys=[manifest], args=[rec]))
             return None, token
 
     def _remote(self, agent_id: str, gen: Any, rec: Any) -> Remote:
