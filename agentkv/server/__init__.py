@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at-rest", default=None, choices=["q8_0", "q4_0", "q4_1", "iq4_nl"])
     p.add_argument("--draft", default=None, choices=["ngram"],
                    help="self-draft decoding of greedy requests (a request's \"draft\" overrides it)")
+    p.add_argument("--shared", default=None, metavar="URL",
+                   help="a shared tier (redis://host:port/db, agentkv[redis]) for servers on "
+                        "several machines: an agent's turn restores from it what another "
+                        "server's worker saved")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
     p.add_argument("--log-level", default="WARNING")
 
@@ -53,5 +57,5 @@ def worker_config(args: argparse.Namespace) -> Dict[str, Any]:
         "type_k": _KV_TYPES.get(args.type_k) if args.type_k else None,
         "type_v": _KV_TYPES.get(args.type_v) if args.type_v else None,
         "ram_budget": args.ram_budget, "disk_budget": args.disk_budget, "at_rest": args.at_rest,
-        "draft": args.draft, "log_level": args.log_level.upper(),
+        "draft": args.draft, "shared": args.shared, "log_level": args.log_level.upper(),
     }

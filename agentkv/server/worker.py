@@ -49,7 +49,7 @@ def main(conn: Any, config: str) -> None:
                     type_v=cfg.get("type_v"), n_batch=cfg.get("n_batch", 512), verbose=False)
         mem = AgentMemory(llm, cache_dir=cfg["cache_dir"], ram_budget=cfg["ram_budget"],
                           disk_budget=cfg["disk_budget"], at_rest=cfg.get("at_rest"),
-                          draft=cfg.get("draft"))
+                          draft=cfg.get("draft"), shared=cfg.get("shared"))
     except Exception as exc:  # noqa: BLE001 - reported to the front, which exits with it
         _send(conn, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return
