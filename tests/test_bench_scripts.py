@@ -51,3 +51,31 @@ def test_draft_bench_measures_speed_and_identity(tmp_path):
     ident = json.loads(out.read_text())["identity"]
     assert ident["turns"] == 4 and 0 <= ident["identical"] <= 4
     assert ident["by_kind"]["copy"]["turns"] == 2 and ident["drafted"] > 0
+
+
+def test_agent_memory_bench_measures_the_shared_tier(tmp_path):
+    """--shared: two workers on one real redis-server; every return comes from Redis, full
+    (a worker's first sight of the agent) or delta, against naive and the warm disk."""
+    from redis_server import start_redis
+    server = start_redis(tmp_path / "redis")
+    try:
+        bench = load("agent_memory_bench")
+        out = tmp_path / "shared.json"
+        assert bench.main(["--agents", "2", "--ram-slots", "0", "--rounds", "3",
+                           "--ctx-tokens", "600", "--turn-tokens", "8", "--max-tokens", "2",
+                           "--cache-root", str(tmp_path), "--shared", server.url,
+                           "--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        rows = [t for t in doc["shared_turns"] if t["kind"] != "build"]
+        assert rows and all(t["tier"] == "shared" for t in rows)
+        assert {t["fetch"] for t in rows} == {"full", "delta"}
+        assert all(t["shared_bytes_read"] > 0 for t in rows)
+        full = [t["shared_bytes_read"] for t in rows if t["fetch"] == "full"]
+        delta = [t["shared_bytes_read"] for t in rows if t["fetch"] == "delta"]
+        assert max(delta) < min(full)  # a worker that saw an older turn reads only what changed
+        summary = doc["shared_summary"]
+        assert summary["resume/full"]["speedup_vs_naive"] > 0
+        assert doc["shared_totals"]["shared_errors"] == 0
+        assert not list(server.client.scan_iter())  # the benchmark's namespace is gone
+    finally:
+        server.stop()
