@@ -860,7 +860,7 @@ class AgentMemory:
                 cut, written = self._store.put_cut(snap, self._fingerprint,
                                                    self._yield_to_restores, sink)
                 if cut is not None and sink is not None and self._shared is not None:
-                    self._shared.publish_cut(cut, sink)
+                    self._shared.publish_cut(cut, sink, self._yield_to_restores)
             else:
                 with self._state_lock:
                     if self._wanted.get(agent_id) != generation:
@@ -873,7 +873,7 @@ class AgentMemory:
                 r, written = self._store.put(agent_id, snap, self._fingerprint,
                                              self._yield_to_restores, version, sink)
                 if self._shared is not None and sink is not None and r is not None:
-                    self._shared.publish(r, sink, lease)
+                    self._shared.publish(r, sink, lease, self._yield_to_restores)
                     lease = None
         except Exception as exc:  # noqa: BLE001
             if isinstance(agent_id, tuple):

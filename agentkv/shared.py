@@ -288,13 +288,16 @@ class RedisTier:
             self._run("releasing a lease",
                       lambda: self._scripts["release"](keys=[lease], args=[token]))
 
-    def publish(self, r: Record, payloads: Dict[str, Any], token: Optional[str]) -> Optional[bool]:
+    def publish(self, r: Record, payloads: Dict[str, Any], token: Optional[str],
+                pause: Callable[[], None] = lambda: None) -> Optional[bool]:
         """Send the payloads Redis lacks, then the manifest if its generation is newer than
         Redis's (the lease ``token`` names is released either way). True: published; False:
-        refused (a newer generation is there: logged, counted); None: Redis is away."""
+        refused (a newer generation is there: logged, counted); None: Redis is away.
+        ``pause`` is called before each step (a background publish yields to restores)."""
         token = token or ""
-        if not self._send(payloads):
+        if not self._send(payloads, pause):
             return None
+        pause()
         manifest, lease = self._agent(r.name)
         out = self._run("publishing a manifest", lambda: self._scripts["publish"](
             keys=[manifest, lease], args=[r.gen, r.to_bytes(), self.cfg.ttl or 0, token]))
@@ -308,16 +311,17 @@ class RedisTier:
                     "turn continues from that one", r.name, r.gen, _text(out[1]))
         return False
 
-    def publish_cut(self, r: Record, payloads: Dict[str, Any]) -> Optional[bool]:
+    def publish_cut(self, r: Record, payloads: Dict[str, Any],
+                    pause: Callable[[], None] = lambda: None) -> Optional[bool]:
         """Send a shared prefix's blocks and record (the first worker's record stays)."""
-        if not self._send(payloads):
+        if not self._send(payloads, pause):
             return None
         key = self.prefix + "cut/" + r.name
         out = self._run("publishing a shared prefix",
                         lambda: self._client.set(key, r.to_bytes(), nx=True, ex=self.cfg.ttl))
         return None if out is _DOWN else True
 
-    def _send(self, payloads: Dict[str, Any]) -> bool:
+    def _send(self, payloads: Dict[str, Any], pause: Callable[[], None]) -> bool:
         """SET NX the payloads Redis lacks (EXPIRE the ones it has, with a ttl); False if
         Redis is away."""
         keys = list(payloads)
@@ -326,10 +330,12 @@ class RedisTier:
         ttl = self.cfg.ttl
 
         def send() -> int:
+            pause()
             probe = self._client.pipeline(transaction=False)
             for k in keys:
                 probe.exists(self.prefix + k)
             there = probe.execute()
+            pause()
             pipe = self._client.pipeline(transaction=False)
             sent = 0
             for k, found in zip(keys, there):

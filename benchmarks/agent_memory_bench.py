@@ -165,14 +165,16 @@ def run_shared(llms: List[Llama], args, contexts, extra, ram_budget: int, rep: i
     dirs = [tempfile.mkdtemp(prefix="agentkv-bench-w", dir=args.cache_root) for _ in llms]
     rows: List[dict] = []
     history = {a: list(toks) for a, toks in contexts.items()}
-    last = {a: 0 for a in history}  # the worker that ran the agent's last turn
-    seen = {a: {0} for a in history}
+    last: Dict[str, int] = {}  # the worker that ran the agent's last turn
+    seen: Dict[str, set] = {a: set() for a in history}
     mems = [AgentMemory(m, cache_dir=d, ram_budget=ram_budget, disk_budget="50GiB", shared=tier)
             for m, d in zip(llms, dirs)]
     try:
         for kind, r in schedule(args):
             for i, agent_id in enumerate(history):
-                w = 0 if kind == "build" else 1 - last[agent_id]
+                # built on both workers (each has run a turn: its buffers are warm), then
+                # every return on the worker that did not run the agent's last turn
+                w = i % 2 if kind == "build" else 1 - last[agent_id]
                 mem, other = mems[w], mems[1 - w]
                 other.wait_durable(agent_id, timeout=120)  # untimed: long done in a real team
                 if kind != "build":

@@ -424,3 +424,5 @@ def test_ls_and_verify_read_the_shared_tier(pair, server):
     assert bad.returncode == 1 and "planner: DAMAGED" in bad.stdout, bad.stdout
     assert cli("ls", "--shared", "redis://127.0.0.1:1/0").returncode == 1  # nothing listens
     assert cli("ls").returncode == 2  # neither a cache_dir nor --shared
+    a.forget("planner")  # every tier: the manifest on Redis too
+    assert not list(server.client.scan_iter(match="*agent/*"))
