@@ -152,8 +152,8 @@ class AgentMemory:
         self._durable: Dict[str, int] = {}  # agent -> generation that did
         # agent -> (generation, save id) of the newest state this process holds of it
         self._versions: Dict[str, Tuple[int, str]] = {}
-        # agent -> (write generation, its version, the lease token its publish releases)
-        self._meta: Dict[str, Tuple[int, Tuple[int, str], Optional[str]]] = {}
+        # agent -> (write generation, the lease token its publish releases)
+        self._leases: Dict[str, Tuple[int, str]] = {}
         self._lease: Optional[str] = None  # the shared tier's lease of the turn's agent
         self._generation = 0
         self._last_used: Dict[str, float] = {}
@@ -338,7 +338,7 @@ class AgentMemory:
             self._last_used.pop(agent_id, None)
             with self._state_lock:
                 self._versions.pop(agent_id, None)
-                self._meta.pop(agent_id, None)
+                self._leases.pop(agent_id, None)
             if self._shared is not None:
                 self._shared.forget(agent_id)
             if not known:
@@ -362,7 +362,7 @@ class AgentMemory:
                 self._wanted.pop(agent_id, None)
                 self._durable.pop(agent_id, None)
                 self._versions.pop(agent_id, None)
-                self._meta.pop(agent_id, None)
+                self._leases.pop(agent_id, None)
             return dropped
 
     def wait_durable(self, agent_id: str, timeout: Optional[float] = None) -> bool:
@@ -565,16 +565,21 @@ class AgentMemory:
             self._stats.restore_seconds += t2 - t1
         return TurnRecord(agent_id, source, restore_seconds=t2 - t1, save_seconds=t1 - t0)
 
-    def _next_generation(self, agent_id: str, lease: Optional[str] = None) -> int:
-        """A new write generation of the agent, and a new version of its state (the
-        generation the shared tier compares, one more than the state it continued)."""
+    def _queue_save(self, agent_id: str, snap: Snapshot, lease: Optional[str] = None) -> Snapshot:
+        """Queue the write of a new snapshot of the agent, stamped with a new version (the
+        generation the shared tier compares: one more than the state it continued; saved
+        with it, kept with it in RAM); ``lease`` is released when it is published."""
         with self._state_lock:
             self._generation += 1
             self._wanted[agent_id] = self._generation
             version = (self._versions.get(agent_id, (0, ""))[0] + 1, uuid.uuid4().hex[:16])
             self._versions[agent_id] = version
-            self._meta[agent_id] = (self._generation, version, lease)
-            return self._generation
+            if lease is not None:
+                self._leases[agent_id] = (self._generation, lease)
+            generation = self._generation
+        snap = replace(snap, version=version)
+        self._writer.submit(agent_id, snap, generation)
+        return snap
 
     def _evict_live(self, defer: bool = False) -> None:
         """Snapshot the live agent into RAM; what RAM pushes out is made durable first
@@ -585,8 +590,7 @@ class AgentMemory:
         t0 = time.perf_counter()
         snap = self._live_saved
         if snap is None:
-            snap = self._engine.snapshot(laid=self._laid)
-            self._writer.submit(agent_id, snap, self._next_generation(agent_id))
+            snap = self._queue_save(agent_id, self._engine.snapshot(laid=self._laid))
         self._live, self._live_saved = None, None
         with self._state_lock:
             self._stats.save_seconds += time.perf_counter() - t0
@@ -620,8 +624,7 @@ class AgentMemory:
                                 agent_id, source, exc)
                     self._count(rejected=1)
                 continue
-            if source != "ram":
-                self._versions[agent_id] = snap.version
+            self._versions[agent_id] = snap.version
             return source
         self._engine.clear()
         if remote is not None:  # the next save must be newer than what the shared tier holds
@@ -733,10 +736,9 @@ class AgentMemory:
         """Snapshot the live agent (kept as its current snapshot) and queue its disk write."""
         if self._live is not None and self._live_saved is None:
             t0 = time.perf_counter()
-            snap = self._engine.snapshot(laid=self._laid)
             lease, self._lease = self._lease, None  # released when this save is published
-            self._writer.submit(self._live, snap, self._next_generation(self._live, lease))
-            self._live_saved = snap
+            self._live_saved = self._queue_save(self._live, self._engine.snapshot(laid=self._laid),
+                                                lease)
             with self._state_lock:
                 self._stats.save_seconds += time.perf_counter() - t0
 
@@ -865,13 +867,10 @@ class AgentMemory:
                 with self._state_lock:
                     if self._wanted.get(agent_id) != generation:
                         return
-                    meta = self._meta.get(agent_id)
-                    version = meta[1] if meta is not None and meta[0] == generation else (0, "")
-                    if meta is not None and meta[0] == generation and meta[2] is not None:
-                        lease = meta[2]
-                        self._meta[agent_id] = (meta[0], meta[1], None)
+                    if self._leases.get(agent_id, (None,))[0] == generation:
+                        lease = self._leases.pop(agent_id)[1]
                 r, written = self._store.put(agent_id, snap, self._fingerprint,
-                                             self._yield_to_restores, version, sink)
+                                             self._yield_to_restores, snap.version, sink)
                 if self._shared is not None and sink is not None and r is not None:
                     self._shared.publish(r, sink, lease, self._yield_to_restores)
                     lease = None

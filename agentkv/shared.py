@@ -219,10 +219,6 @@ class RedisTier:
             log.info("agentkv: the shared tier at %s answers again", _safe_url(self.cfg.url))
         return out
 
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
     # -- agents ---------------------------------------------------------------------------
 
     def _agent(self, agent_id: str) -> Tuple[str, str]:

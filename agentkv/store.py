@@ -408,16 +408,19 @@ class DiskStore:
                       pause: Callable[[], None], wrote: List[str],
                       sink: Optional[Dict[str, Any]] = None) -> int:
         """Write the blocks the store lacks (their keys go to ``wrote``); bytes written.
-        ``sink`` gets every block, written or not (``bytes()`` of one is its payload)."""
+        ``sink`` gets every block, written or not (``bytes()`` of each is its payload)."""
         written = 0
         for per_cache in blocks:
             for key, payload in per_cache:
+                sizes[key] = payload.nbytes
                 if sink is not None:
                     sink[key] = payload
-                sizes[key] = payload.nbytes
                 if key not in self._cache:
                     pause()
-                    self._cache.set(key, bytes(payload))
+                    data = bytes(payload)
+                    self._cache.set(key, data)
+                    if sink is not None:
+                        sink[key] = data  # joined once, for the shared tier too
                     wrote.append(key)
                     written += payload.nbytes
         return written

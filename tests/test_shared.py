@@ -204,14 +204,20 @@ def first_message(q):
     return f"{SYSTEM}\n{q}"
 
 
+def first_turn(mem, server, max_tokens=12):
+    """Agent "planner"'s first turn on ``mem``, published: (history, answers, its manifest's
+    key, its record, the key prefix of the namespace)."""
+    history = []
+    got = [ask(mem, history, first_message(QS[0]), max_tokens=max_tokens)]
+    assert mem.wait_durable("planner", timeout=60)
+    key, r = agent_keys(server, "planner")
+    return history, got, key, r, key.decode().rsplit("agent/", 1)[0]
+
+
 def test_a_damaged_block_is_refused_and_deleted(pair, server, reference):
     a, b = pair
-    history = []
-    got = [ask(a, history, first_message(QS[0]), max_tokens=12)]
-    assert a.wait_durable("planner", timeout=60)
-    key, r = agent_keys(server, "planner")
+    history, got, _, r, prefix = first_turn(a, server)
     block = r.blocks[0][0]
-    prefix = key.decode().rsplit("agent/", 1)[0]
     good = server.client.get(prefix + block)
     server.client.set(prefix + block, good[:-5] + b"XXXXX")  # same length, wrong bytes
     got.append(ask(b, history, QS[1], max_tokens=12))  # b prefills: never the damaged KV
@@ -226,11 +232,7 @@ def test_a_damaged_block_is_refused_and_deleted(pair, server, reference):
 
 def test_a_deleted_block_prefills_and_a_foreign_manifest_is_ignored(pair, server, reference):
     a, b = pair
-    history = []
-    got = [ask(a, history, first_message(QS[0]), max_tokens=12)]
-    assert a.wait_durable("planner", timeout=60)
-    key, r = agent_keys(server, "planner")
-    prefix = key.decode().rsplit("agent/", 1)[0]
+    history, got, key, r, prefix = first_turn(a, server)
     server.client.delete(prefix + r.tail)  # as an eviction by maxmemory would
     got.append(ask(b, history, QS[1], max_tokens=12))
     assert b.stats().shared_missing == 1 and b.last_turn.source != "shared"
@@ -405,8 +407,7 @@ def test_ls_and_verify_read_the_shared_tier(pair, server):
     """``python -m agentkv ls|verify --shared URL``: what is there, and every payload checked;
     a tampered block makes verify name it and exit 1."""
     a, _ = pair
-    ask(a, [], first_message(QS[0]), max_tokens=4)
-    assert a.wait_durable("planner", timeout=60)
+    _, _, _, r, prefix = first_turn(a, server, max_tokens=4)
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "agentkv", *args], capture_output=True,
@@ -415,8 +416,6 @@ def test_ls_and_verify_read_the_shared_tier(pair, server):
     assert ls.returncode == 0 and "planner" in ls.stdout and "agent" in ls.stdout
     ok = cli("verify", "--shared", server.url)
     assert ok.returncode == 0 and "planner: ok" in ok.stdout, ok.stdout + ok.stderr
-    key, r = agent_keys(server, "planner")
-    prefix = key.decode().rsplit("agent/", 1)[0]
     block = prefix + r.blocks[0][-1]
     data = server.client.get(block)
     server.client.set(block, data[:100] + bytes([data[100] ^ 1]) + data[101:])
