@@ -6,7 +6,10 @@ The quantizers follow ggml's reference quantizers (``ggml-quants.c``:
 ``quantize_row_iq4_nl_ref``) operation by operation, in float32, including what they do with signed zeros, infinities and NaN:
 
 * every float -> integer conversion is C's truncating cast as x86 executes it: a NaN or an
-  out-of-range value becomes INT32_MIN, and the cast to 8 bits keeps the low byte;
+  out-of-range value becomes INT32_MIN, and the cast to 8 bits keeps the low byte. That is the
+  stored format on every CPU, so a block's bytes and content address never depend on where it
+  was written; ggml's reference compiled for aarch64 converts as that CPU does (saturating,
+  NaN -> 0) and so differs from it on such blocks (``cvt="arm"`` reproduces it);
 * q8_0's ``amax = MAX(amax, fabsf(v))`` scan lets a NaN reset the running maximum (a NaN at
   the end of a block makes the scale NaN); q4_0's and q4_1's scans skip NaN;
 * scales are stored with ggml's own float -> half conversion (round to nearest even; every
@@ -41,14 +44,26 @@ def f32_to_f16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def _f16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return bits.view(np.float16).astype(_F32)
+    with np.errstate(invalid="ignore"):  # aarch64's fcvtl flags a signalling NaN
+        return bits.view(np.float16).astype(_F32)
 
 
-def _trunc_i32(x: np.ndarray) -> np.ndarray:
-    """C's (int32_t)x as cvttss2si does it: NaN and out-of-range give INT32_MIN."""
+def _trunc_i32(x: np.ndarray, cvt: str = "x86") -> np.ndarray:
+    """C's (int32_t)x as cvttss2si does it: NaN and out-of-range give INT32_MIN.
+
+    ``cvt="arm"``: as aarch64's fcvtzs does it instead (saturating, NaN -> 0). agentkv stores
+    x86's result on every CPU; the Arm rule only predicts what ggml's own reference quantizer,
+    compiled for aarch64, writes (the tests compare it with ggml there).
+    """
     ok = (x >= _F32(-2147483648.0)) & (x < _F32(2147483648.0))
     with np.errstate(invalid="ignore"):
-        return np.where(ok, np.where(ok, x, 0).astype(np.int32), _INT_MIN)
+        t = np.where(ok, x, 0).astype(np.int32)
+    if cvt == "x86":
+        return np.where(ok, t, _INT_MIN)
+    if cvt != "arm":
+        raise ValueError(f"unknown float -> int conversion {cvt!r}")
+    sat = np.where(x > 0, np.int32(2147483647), _INT_MIN)
+    return np.where(ok, t, np.where(np.isnan(x), np.int32(0), sat))
 
 
 def _round_away(x: np.ndarray) -> np.ndarray:
@@ -73,7 +88,7 @@ def _inv(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, _F32(1.0) / np.where(d != 0, d, _F32(1.0)), _F32(0.0)).astype(_F32)
 
 
-def _q8_0(x: np.ndarray) -> np.ndarray:
+def _q8_0(x: np.ndarray, cvt: str = "x86") -> np.ndarray:
     a = np.abs(x)
     nan = np.isnan(x)
     if nan.any():  # MAX(amax, v) with a NaN v yields v: only what follows the last NaN counts
@@ -88,20 +103,20 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
     d = (amax.astype(_F32) / _F32(127.0)).astype(_F32)
     with np.errstate(invalid="ignore", over="ignore"):
         x0 = x * _inv(d)[:, None]
-    q = _trunc_i32(_round_away(x0)).astype(np.int8)
+    q = _trunc_i32(_round_away(x0), cvt).astype(np.int8)
     out = np.empty((x.shape[0], 34), dtype=np.uint8)
     out[:, 0:2] = f32_to_f16_bits(d).reshape(-1, 1).view(np.uint8)
     out[:, 2:] = q.view(np.uint8)
     return out
 
 
-def _nibbles(v: np.ndarray) -> np.ndarray:
+def _nibbles(v: np.ndarray, cvt: str = "x86") -> np.ndarray:
     """MIN(15, (int8_t)v) stored as uint8, two per byte (j and j+16)."""
-    xi = np.minimum(_trunc_i32(v).astype(np.int8).astype(np.int32), 15).astype(np.uint8)
+    xi = np.minimum(_trunc_i32(v, cvt).astype(np.int8).astype(np.int32), 15).astype(np.uint8)
     return xi[:, :16] | (xi[:, 16:] << np.uint8(4))
 
 
-def _q4_0(x: np.ndarray) -> np.ndarray:
+def _q4_0(x: np.ndarray, cvt: str = "x86") -> np.ndarray:
     a = np.where(np.isnan(x), _F32(-1.0), np.abs(x))
     idx = np.argmax(a, axis=1)  # first index of the largest |v|, NaN skipped (amax < v)
     amax = np.take_along_axis(a, idx[:, None], axis=1)[:, 0]
@@ -111,11 +126,11 @@ def _q4_0(x: np.ndarray) -> np.ndarray:
         v = x * _inv(d)[:, None] + _F32(8.5)
     out = np.empty((x.shape[0], 18), dtype=np.uint8)
     out[:, 0:2] = f32_to_f16_bits(d).reshape(-1, 1).view(np.uint8)
-    out[:, 2:] = _nibbles(v)
+    out[:, 2:] = _nibbles(v, cvt)
     return out
 
 
-def _q4_1(x: np.ndarray) -> np.ndarray:
+def _q4_1(x: np.ndarray, cvt: str = "x86") -> np.ndarray:
     nan = np.isnan(x)
     lo = np.where(nan, _F32(np.inf), x)
     hi = np.where(nan, _F32(-np.inf), x)
@@ -129,7 +144,7 @@ def _q4_1(x: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], 20), dtype=np.uint8)
     out[:, 0:2] = f32_to_f16_bits(d).reshape(-1, 1).view(np.uint8)
     out[:, 2:4] = f32_to_f16_bits(vmin).reshape(-1, 1).view(np.uint8)
-    out[:, 4:] = _nibbles(v)
+    out[:, 4:] = _nibbles(v, cvt)
     return out
 
 
@@ -155,7 +170,7 @@ def _seq_sum(t: np.ndarray) -> np.ndarray:
                      axis=1, dtype=_F32)[:, -1]
 
 
-def _iq4_nl(x: np.ndarray) -> np.ndarray:
+def _iq4_nl(x: np.ndarray, cvt: str = "x86") -> np.ndarray:
     """ggml's quantize_row_iq4_nl_ref (quantize_row_iq4_nl_impl, no weights, ntry = -1).
 
     A block whose largest magnitude is below 1e-15 gets scale 0 and nibbles 8 (value +1, so
@@ -188,10 +203,14 @@ _ENCODERS = {"q8_0": _q8_0, "q4_0": _q4_0, "q4_1": _q4_1, "iq4_nl": _iq4_nl}
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "iq4_nl": 18}
 
 
-def encode(f16: np.ndarray, fmt: str, out: np.ndarray) -> None:
-    """Quantize float16 values (as uint16 bits, a multiple of 32) into ``out`` (uint8)."""
+def encode(f16: np.ndarray, fmt: str, out: np.ndarray, cvt: str = "x86") -> None:
+    """Quantize float16 values (as uint16 bits, a multiple of 32) into ``out`` (uint8).
+
+    ``cvt``: how an out-of-range float becomes an integer (see :func:`_trunc_i32`); the stored
+    format is ``"x86"``'s on every CPU.
+    """
     x = _f16_to_f32(_blocks(f16))
-    out.reshape(-1)[:] = _ENCODERS[fmt](x).reshape(-1)
+    out.reshape(-1)[:] = _ENCODERS[fmt](x, cvt).reshape(-1)
 
 
 def decode(q: np.ndarray, fmt: str, out: np.ndarray) -> None:

@@ -294,6 +294,8 @@ class Record:
     # the shared tier accepts a manifest only over an older generation (shared.py)
     gen: int = 0
     sid: str = ""
+    # the machine and llama.cpp build that computed it (settings.compute), for a clear refusal
+    compute: str = ""
     last_used: float = field(default=0.0, compare=False)
 
     def keys(self) -> List[str]:
@@ -315,6 +317,8 @@ class Record:
              "tail": self.tail, "shape": self.shape, "exact": self.exact}
         if self.gen or self.sid:
             d["gen"], d["sid"] = self.gen, self.sid
+        if self.compute:
+            d["compute"] = self.compute
         return json.dumps(d, separators=(",", ":"), allow_nan=False).encode("utf-8", "surrogatepass")
 
     @classmethod
@@ -341,7 +345,8 @@ class Record:
                     fingerprint=_str(d["fp"]), saved_at=_float(d["saved_at"]),
                     tail=None if d.get("tail") is None else _str(d["tail"]),
                     shape=d.get("shape"), exact=_int(d.get("exact", 0)),
-                    gen=_int(d.get("gen", 0)), sid=_str(d.get("sid", "")))
+                    gen=_int(d.get("gen", 0)), sid=_str(d.get("sid", "")),
+                    compute=_str(d.get("compute", "")))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             if isinstance(exc, CorruptEntry):
                 raise
@@ -354,6 +359,7 @@ class Record:
               and all(f + len(b) <= len(r.chain) for f, b in zip(r.first, r.blocks))
               and (r.tail is None or (r.tail.startswith("kv/") and _hex32(r.tail[3:])))
               and (r.shape is None or isinstance(r.shape, dict)) and len(r.sid) <= 64
+              and len(r.compute) <= 4096
               and (r.kind == "agent") == (r.tail is not None))
         if not ok:
             raise CorruptEntry("record fields are inconsistent")

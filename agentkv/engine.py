@@ -32,7 +32,7 @@ from . import pieces as seqpieces
 from .draft import NgramDraft, drafted_generate, greedy_refusal
 from .errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
 from .laid import LaidState, lay_out
-from .settings import ADAPTERS, settings_of
+from .settings import ADAPTERS, compute, settings_of
 from .snapshot import Parts, Snapshot, check_state
 
 __all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "hash_file"]
@@ -129,13 +129,15 @@ class Engine:
     def fingerprint(self, model_hash: str, hash_file: Callable[[str], str], at_rest: int = 0
                     ) -> bytes:
         """16 bytes naming everything a stored state must match to be restored here: the
-        format, the model's content, and every setting of the context that changes the KV it
-        computes or how it reads it (agentkv/settings.py), as llama.cpp reports them."""
+        format, the model's content, every setting of the context that changes the KV it
+        computes or how it reads it, and the machine and build that compute it
+        (agentkv/settings.py), as llama.cpp reports them."""
         fields = {
             "format": FORMAT_ID,
             "llama_cpp": llama_cpp.__version__,
             "model": model_hash,
             "settings": settings_of(self.llm, hash_file, self.adapters(hash_file)),
+            "compute": compute(),
         }
         if at_rest:
             fields["at_rest"] = at_rest

@@ -14,6 +14,12 @@ Settings left out on purpose, and why:
   same thread counts (see the README's "What exact means").
 - ``n_ctx``: the KV of a position does not depend on the context size (llama.cpp pads it to 256
   cells); a state longer than the context is refused at restore.
+
+Left in on purpose: the machine that computes (:func:`compute`: the CPU architecture and
+llama.cpp's build, as ``llama_print_system_info`` reports its backends and their features). The
+KV bytes of a ggml type have one layout everywhere, but other kernels (AVX2 or AVX-512, NEON,
+KleidiAI, a GPU) compute other values for them, and the stored logits too: a state written by
+another build would not continue as a never-evicted agent does here, so it is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import logging
 import math
 import os
+import platform
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -30,11 +37,25 @@ import llama_cpp
 import llama_cpp.llama_cpp as _low
 import xxhash
 
-__all__ = ["settings_of", "AdapterLog", "ADAPTERS"]
+__all__ = ["settings_of", "compute", "AdapterLog", "ADAPTERS"]
 
 log = logging.getLogger(__name__)
 
 HashFile = Callable[[str], str]
+
+
+_COMPUTE: Optional[str] = None
+
+
+def compute() -> str:
+    """What computes the KV here: the CPU architecture and llama.cpp's build (its backends and
+    their features, as ``llama_print_system_info`` lists them), one line."""
+    global _COMPUTE
+    if _COMPUTE is None:
+        info = llama_cpp.llama_print_system_info()
+        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+        _COMPUTE = f"{platform.machine() or 'unknown'} | " + " ".join(text.split())
+    return _COMPUTE
 
 
 def _num(x: Any) -> Any:

@@ -35,6 +35,7 @@ import xxhash
 
 from .blocks import Record
 from .errors import ConfigError, CorruptEntry, FingerprintMismatch
+from .store import mismatch
 
 __all__ = ["SharedTier", "RedisTier", "Remote", "shared_config"]
 
@@ -274,7 +275,7 @@ class RedisTier:
         if gen is None or not bytes(gen).isdigit() or int(gen) != r.gen:
             raise CorruptEntry("manifest's generation disagrees with its record")
         if r.fingerprint != self.fingerprint.hex():
-            raise FingerprintMismatch("saved by another model or context configuration")
+            raise FingerprintMismatch(mismatch(agent_id, r))
         return Remote(bytes(rec), r)
 
     def release(self, agent_id: str, token: Optional[str]) -> None:

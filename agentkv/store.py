@@ -53,6 +53,7 @@ from .diskio import (DB_NAME, Arena, SafeDisk, StoreLock, check_database, claim,
 from .errors import CorruptEntry, FingerprintMismatch, StoreBusy
 from .laid import LaidState
 from .recindex import RecordIndex
+from .settings import compute
 from .snapshot import Parts, Snapshot, check_state
 
 __all__ = ["DiskStore", "NoDisk", "agent_key", "file_identity"]
@@ -78,6 +79,16 @@ def file_identity(path: str) -> str:
             h.update(os.pread(f.fileno(), _SAMPLE, max(0, off)))
     return (f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{size}\0{st.st_mtime_ns}"
             f"\0{st.st_ctime_ns}\0{h.hexdigest()}")
+
+
+def mismatch(agent_id: str, r: Record) -> str:
+    """Why agent ``agent_id``'s record ``r`` (another fingerprint) cannot be restored here."""
+    here = compute()
+    if r.compute and r.compute != here:
+        return (f"agent {agent_id!r} was saved by another machine or llama.cpp build, whose "
+                f"kernels compute other KV and logits than this one's ({r.compute.split(' |')[0]}:"
+                f" {r.compute}; here {here.split(' |')[0]}: {here})")
+    return f"agent {agent_id!r} was saved by another model or context configuration"
 
 
 def _go_on() -> None:
@@ -472,7 +483,7 @@ class DiskStore:
         r = Record("agent", agent_id, snap.n_tokens, self.block_tokens, [c.hex() for c in chain],
                    first, [[k for k, _ in bs] for bs in blocks], fingerprint.hex(), now,
                    tail="kv/" + tail_key, shape=shape.to_json(), exact=snap.exact,
-                   gen=version[0], sid=version[1])
+                   gen=version[0], sid=version[1], compute=compute())
         r.last_used = now
         key = agent_key(agent_id)
         with self._write_lock.held():
@@ -510,7 +521,8 @@ class DiskStore:
         now = time.time()
         r = Record("cut", chain[-1].hex(), snap.n_tokens, self.block_tokens,
                    [c.hex() for c in chain], first, [[k for k, _ in bs] for bs in blocks],
-                   fingerprint.hex(), now, shape=shape.to_json(), exact=snap.exact)
+                   fingerprint.hex(), now, shape=shape.to_json(), exact=snap.exact,
+                   compute=compute())
         r.last_used = now
         key = "cut/" + r.name
         with self._write_lock.held():
@@ -736,8 +748,7 @@ class DiskStore:
                 exc.record = key
                 raise
             if r.fingerprint != fingerprint.hex():
-                raise FingerprintMismatch(
-                    f"agent {agent_id!r} was saved by another model or context configuration")
+                raise FingerprintMismatch(mismatch(agent_id, r))
             try:
                 if into is not None:
                     into.reset()

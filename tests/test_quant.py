@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,12 @@ import numpy as np
 import pytest
 
 from agentkv import quant
+from agentkv import _quant_numpy as twin
 from agentkv._quant_numpy import f32_to_f16_bits
 
 FORMATS = quant.FORMATS
+# How this CPU converts an out-of-range float to an integer (ggml's reference inherits it).
+CVT = "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
 
 
 def _special() -> np.ndarray:
@@ -94,8 +98,13 @@ def ggml():
     return lib
 
 
+def _f32(f16: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # aarch64's fcvtl flags a signalling NaN
+        return f16.view(np.float16).astype(np.float32)
+
+
 def ggml_encode(lib, fmt: str, f16: np.ndarray) -> np.ndarray:
-    x = f16.view(np.float16).astype(np.float32)
+    x = _f32(f16)
     out = np.zeros(quant.encoded_size(x.size, fmt), dtype=np.uint8)
     if x.size:
         getattr(lib, f"quantize_row_{fmt}_ref")(x.ctypes.data, out.ctypes.data, x.size)
@@ -117,15 +126,48 @@ def test_quantizers_are_ggml_bit_for_bit(ggml, kernels, fmt, case):
     f16 = CASES[case]
     q = quant.encode(f16, fmt, kernels=kernels)
     ref = ggml_encode(ggml, fmt, f16)
-    bb = quant.block_bytes(fmt)
-    differs = (q != ref).reshape(-1, bb)
-    if fmt == "iq4_nl":  # ggml leaves scratch contents in the nibbles of a scale-0 block
-        x = f16.view(np.float16).astype(np.float32).reshape(-1, 32)
-        differs[np.where(np.isnan(x), 0, np.abs(x)).max(axis=1, initial=0) < 1e-15, 2:] = False
-    bad = np.flatnonzero(differs.any(axis=1))
+    if CVT != "x86":
+        # ggml's reference converts an out-of-range float (a NaN block, a value far above a
+        # block's scale) as this CPU does; the twin run with the same rule predicts every byte
+        # of it, then what agentkv stores is x86's rule, the same bytes on every CPU
+        like_ggml = np.zeros_like(ref)
+        twin.encode(f16, fmt, like_ggml, cvt=CVT)
+        bad = _differ(like_ggml, ref, f16, fmt)
+        assert bad.size == 0, f"{bad.size} blocks differ from ggml ({CVT} rule), first {bad[:5]}"
+        portable = np.zeros_like(ref)
+        twin.encode(f16, fmt, portable)
+        ref_bytes, ref = ref, portable
+    else:
+        ref_bytes = ref
+    bad = _differ(q, ref, f16, fmt)
     assert bad.size == 0, f"{bad.size} blocks differ from ggml, first {bad[:5]}"
-    back = quant.decode(ref, fmt, kernels=kernels).view(np.uint16)
-    assert np.array_equal(back, ggml_decode(ggml, fmt, ref, f16.size))
+    back = quant.decode(ref_bytes, fmt, kernels=kernels).view(np.uint16)
+    assert np.array_equal(back, ggml_decode(ggml, fmt, ref_bytes, f16.size))
+
+
+def _differ(q: np.ndarray, ref: np.ndarray, f16: np.ndarray, fmt: str) -> np.ndarray:
+    """The indices of the blocks of q that differ from ref."""
+    differs = (q != ref).reshape(-1, quant.block_bytes(fmt))
+    if fmt == "iq4_nl":  # ggml leaves scratch contents in the nibbles of a scale-0 block
+        x = _f32(f16).reshape(-1, 32)
+        differs[np.where(np.isnan(x), 0, np.abs(x)).max(axis=1, initial=0) < 1e-15, 2:] = False
+    return np.flatnonzero(differs.any(axis=1))
+
+
+def test_the_stored_bytes_do_not_depend_on_the_cpu():
+    """A NaN block or a value far above its block's scale: x86's conversion is stored on every
+    CPU (the twin's default, which the native kernels equal); the Arm rule gives other bytes."""
+    x = np.full(32, 1e-3, np.float16)
+    # q8_0's scan restarts after a NaN: the scale comes from the 1e-3 values, and 60000 lands
+    # far outside int32 (x86: 0, aarch64: saturated, 0xFF)
+    x[0], x[1] = np.float16(60000.0), np.float16(np.nan)
+    stored, arm = np.zeros(34, np.uint8), np.zeros(34, np.uint8)
+    twin.encode(x.view(np.uint16), "q8_0", stored)
+    twin.encode(x.view(np.uint16), "q8_0", arm, cvt="arm")
+    assert not np.array_equal(stored, arm)
+    assert np.array_equal(quant.encode(x, "q8_0"), stored)
+    with pytest.raises(ValueError, match="conversion"):
+        twin.encode(x.view(np.uint16), "q8_0", arm, cvt="ppc")
 
 
 @pytest.mark.skipif(quant.NATIVE is None, reason="native kernels not built")
