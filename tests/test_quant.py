@@ -277,3 +277,37 @@ def test_the_native_kernels_were_built():
         return
     assert quant.NATIVE is not None, "agentkv's native kernels did not build or load"
     assert quant.BACKEND == "native"
+
+
+def _neon_runner():
+    """How to build and run tests/neon_check.c for aarch64 here: natively on aarch64, or with
+    the aarch64 cross compiler and qemu-user on x86_64 (scripts/setup.sh installs both)."""
+    import shutil
+    if CVT == "arm":
+        cc = shutil.which("cc") or shutil.which("gcc")
+        return (cc, []) if cc else None
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+    return (cc, [qemu, "-cpu", "max,sme=off"]) if cc and qemu else None
+
+
+@pytest.mark.skipif(_neon_runner() is None, reason="needs an aarch64 C compiler (and qemu-user "
+                    "on x86_64: Debian's gcc-aarch64-linux-gnu and qemu-user-static, which "
+                    "scripts/setup.sh installs)")
+@pytest.mark.parametrize("neon", [True, False], ids=["neon", "built-without-neon"])
+def test_aarch64_kernels_equal_the_scalar_reference(tmp_path, neon):
+    """The NEON paths, bit for bit, on every float16 pattern (under qemu on x86_64); a build
+    without them (-DAKV_NO_NEON) runs the scalar reference and says so."""
+    cc, run = _neon_runner()
+    here = os.path.dirname(os.path.abspath(__file__))
+    exe = tmp_path / "neon_check"
+    flags = [] if neon else ["-DAKV_NO_NEON"]
+    subprocess.run([cc, "-O3", "-ffp-contract=off", "-static", *flags,
+                    "-I", os.path.join(here, "..", "native"), os.path.join(here, "neon_check.c"),
+                    "-lm", "-o", str(exe)], check=True, timeout=300)
+    out = subprocess.run([*run, str(exe)], capture_output=True, text=True, timeout=300)
+    if neon:
+        assert out.returncode == 0 and "isa neon" in out.stdout, out.stdout + out.stderr
+        assert "OK: 4 formats bit-identical" in out.stdout
+    else:
+        assert out.returncode == 2 and "isa scalar" in out.stdout, out.stdout + out.stderr
