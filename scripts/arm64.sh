@@ -291,7 +291,7 @@ equivalence() {
 # ~540 tokens: past Gemma 3's 512-token window and the 512-token shared cut, 3 tokens per answer
 EQUIVALENCE_ARGS=${AGENTKV_ARM64_EQUIVALENCE:-"--require-prefix --system-rules 28 --max-tokens 3"}
 
-# A cache written on x86_64 opened under aarch64 and the other way round (tests/test_arm64.py):
+# A cache written on x86_64 opened under aarch64 and the other way round (tests/crossarch_check.py):
 # refused by the fingerprint, with the other machine named, and the turn answers.
 crossarch() {
   mounts
@@ -306,9 +306,9 @@ crossarch() {
     | sed 's/^/arm64: aarch64 wrote: /' >&2
   cp -a "$WORK/x86-cache" "$ROOT/opt/x86-cache"
   say "aarch64 opens the x86_64 cache"
-  in_root sh -c "cd $SRC && AGENTKV_FOREIGN_CACHE=/opt/x86-cache $VENV/bin/python -m pytest -q -p no:cacheprovider tests/test_arm64.py"
+  in_root sh -c "cd $SRC && AGENTKV_FOREIGN_CACHE=/opt/x86-cache $VENV/bin/python -m pytest -q -p no:cacheprovider tests/crossarch_check.py"
   say "x86_64 opens the aarch64 cache"
-  AGENTKV_FOREIGN_CACHE="$ROOT/opt/arm-cache" .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_arm64.py
+  AGENTKV_FOREIGN_CACHE="$ROOT/opt/arm-cache" .venv/bin/python -m pytest -q -p no:cacheprovider tests/crossarch_check.py
 }
 
 shell() { mounts; in_root bash; }

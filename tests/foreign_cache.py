@@ -1,4 +1,4 @@
-"""A small cache written on one machine, for tests/test_arm64.py to open on another.
+"""A small cache written on one machine, for tests/crossarch_check.py to open on another.
 
     python tests/foreign_cache.py DIR
 
