@@ -25,7 +25,6 @@ another build would not continue as a never-evicted agent does here, so it is re
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import os

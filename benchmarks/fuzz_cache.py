@@ -227,12 +227,23 @@ class Trial:
     exceptions: List[str] = field(default_factory=list)
     unhealed: List[str] = field(default_factory=list)
     verify_after: int = 0
+    # what verify still flags after the heal (the documented case: a block only a shared cut
+    # held, which no agent's own restore reads), and its exit status after `verify --repair`
+    flagged_after: List[str] = field(default_factory=list)
+    verify_after_repair: int = 0
     seconds: float = 0.0
 
 
-def _verify(cache: Path) -> int:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return cli.main(["verify", str(cache)])
+def _verify(cache: Path, *options: str) -> int:
+    return _verify_report(cache, *options)[0]
+
+
+def _verify_report(cache: Path, *options: str) -> Tuple[int, List[str]]:
+    """verify's exit status and the entries it flags (what precedes ": DAMAGED")."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.main(["verify", str(cache), *options])
+    return rc, [ln.split(": DAMAGED")[0] for ln in out.getvalue().splitlines() if ": DAMAGED" in ln]
 
 
 def trial(llm: Any, base: Base, workdir: Path, n: int, rng: random.Random) -> Trial:
@@ -267,7 +278,10 @@ def trial(llm: Any, base: Base, workdir: Path, n: int, rng: random.Random) -> Tr
                     t.unhealed.append(f"{name} ({mem.last_turn.source})")
     except Exception as exc:  # noqa: BLE001 - an AgentMemory that failed to open
         t.exceptions.append(f"open: {type(exc).__name__}: {exc}")
-    t.verify_after = _verify(cache)
+    t.verify_after, t.flagged_after = _verify_report(cache)
+    if t.verify_after:
+        _verify(cache, "--repair")
+        t.verify_after_repair = _verify(cache)
     shutil.rmtree(cache, ignore_errors=True)
     t.seconds = time.perf_counter() - t0
     return t
@@ -305,6 +319,10 @@ def summarize(results: List[Trial]) -> Dict[str, Any]:
         "verify_flagged": sum(t.verify_flagged for t in real),
         "verify_missed": [asdict(t) for t in real if not t.verify_flagged],
         "verify_fails_after_heal": sum(t.verify_after != 0 for t in results),
+        # of those, trials where verify flagged anything but a shared cut
+        "verify_flags_after_heal_beyond_cuts": [
+            asdict(t) for t in results if any(not f.startswith("cut ") for f in t.flagged_after)],
+        "verify_fails_after_repair": sum(t.verify_after_repair != 0 for t in results),
         "turn_sources": sources,
         "damage_kinds": dict(sorted(kinds.items())),
         "median_trial_seconds": float(np.median([t.seconds for t in results])) if results else 0,
