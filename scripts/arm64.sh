@@ -9,15 +9,18 @@
 #   5. an arm64 venv in the root filesystem with that wheel, agentkv (its native kernels built
 #      for aarch64 by the arm64 gcc) and the default model;
 #   6. proof that KleidiAI is used: llama.cpp's system info, its symbols, its load log;
-#   7. under emulation: the model-free tests, a chosen handful of model tests, and the exactness
-#      proof (benchmarks/kv_equivalence.py) on the default model at toy sizes.
+#   7. under emulation: the model-free tests and the state-format tests on real aarch64 states
+#      (EMULATED_TESTS), the exactness proof (benchmarks/kv_equivalence.py) on the default model
+#      at toy sizes, one run per live KV type, and caches across x86_64 and aarch64, both ways
+#      (tests/crossarch_check.py; the x86_64 side uses .venv, made by scripts/setup.sh).
 # Each step skips what is already there and prints its wall time. Emulated speed means nothing:
 # only correctness is checked here. Arm timings come from .github/workflows/arm-bench.yml.
 #
 # Usage: bash scripts/arm64.sh [all|rootfs|wheel|venv|kleidiai|tests|crossarch|equivalence|shell|clean]
 # Needs root (apt-get, mount, chroot) and a kernel with binfmt_misc.
 # Env: AGENTKV_ARM64_DIR (default ~/.cache/agentkv-arm64) holds the root filesystem, the wheel
-# and the build tree, outside the repository, so a fresh clone (and .ci/run) reuses them.
+# and the build tree, outside the repository, so a fresh clone reuses them. Not run by .ci/run
+# (root, binfmt_misc, ~1 h of emulation); the suite checks the NEON kernels under qemu-user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
