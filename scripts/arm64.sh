@@ -149,13 +149,6 @@ mounts() {  # /proc, /dev and /sys for the chroot (pip, numpy and llama.cpp read
 ARM_ARCH=${AGENTKV_ARM_ARCH:-armv8.4-a+fp16+sve+i8mm+bf16}
 WHEELS=$WORK/wheels
 
-gcc_o3_bug() {  # gcc_o3_bug CC: true for a gcc whose -O3 crashes on a KleidiAI source (gcc <= 12)
-  local v
-  v=$("$1" -dumpfullversion -dumpversion 2>/dev/null | head -1)
-  "$1" --version 2>/dev/null | head -1 | grep -qi clang && return 1
-  [ -n "$v" ] && [ "${v%%.*}" -le 12 ]
-}
-
 wheel() {
   local have
   have=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*linux_aarch64.whl 2>/dev/null | head -1 || true)
@@ -168,7 +161,8 @@ wheel() {
   [ -f "$sdist" ] || python3 -m pip download -q --no-deps --no-binary :all: \
     "llama-cpp-python==$LLAMA_CPP_VERSION" -d "$WORK/src"
   # scripts/setup.sh's flags for an aarch64 machine, as it computes them in the root filesystem
-  # (KleidiAI on; -O2 C sources for its gcc 12), then what a cross build needs besides
+  # (KleidiAI on; -O2 C sources for its gcc 12, the same Debian gcc as the cross compiler), then
+  # what a cross build needs besides
   [ -x "$ROOT/usr/bin/python3" ] || die "no root filesystem at $ROOT: run the rootfs step first"
   mounts
   mkdir -p "$ROOT/tmp/agentkv-setup" && cp scripts/setup.sh "$ROOT/tmp/agentkv-setup/"
@@ -185,9 +179,6 @@ wheel() {
     -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH="$ARM_ARCH"
     -DFETCHCONTENT_SOURCE_DIR_KLEIDIAI="$WORK/src/kleidiai-v1.24.0"
   )
-  if gcc_o3_bug aarch64-linux-gnu-gcc && ! printf '%s\n' "${flags[@]}" | grep -q O2; then
-    flags+=("-DCMAKE_C_FLAGS_RELEASE=-O2 -DNDEBUG")  # the cross gcc is 12 too
-  fi
   say "CMake flags: ${flags[*]}"
   say "cross-compiling llama-cpp-python $LLAMA_CPP_VERSION for aarch64 ($ARM_ARCH, KleidiAI; ~4 min on 2 cores)"
   local out=$WORK/wheel-build
