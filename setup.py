@@ -26,12 +26,12 @@ class CMakeLibrary(Extension):
 class BuildNative(build_ext):
     """Build the native kernels through CMake; without a compiler or CMake, warn and go on.
 
-    agentkv works without them (agentkv.quant falls back to its numpy twins and logs a
+    agentkv works without them (agentkv._quant.kernels falls back to its numpy twins and logs a
     warning), so a failed native build never fails the install. AGENTKV_NO_NATIVE=1 skips it.
     """
 
     def get_ext_filename(self, fullname: str) -> str:
-        """``agentkv/_agentkv_quant.so`` (.dylib, .dll): a plain shared library, loaded with
+        """``agentkv/_quant/_agentkv_quant.so`` (.dylib, .dll): a plain shared library, loaded with
         ctypes, with no CPython ABI in its name."""
         if fullname.endswith("_agentkv_quant"):
             suffix = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
@@ -89,6 +89,6 @@ class PlatformWheel(bdist_wheel):
 
 # Metadata lives in pyproject.toml; this file only adds the native build.
 setup(
-    ext_modules=[CMakeLibrary("agentkv._agentkv_quant", target="agentkv_quant")],
+    ext_modules=[CMakeLibrary("agentkv._quant._agentkv_quant", target="agentkv_quant")],
     cmdclass={"build_ext": BuildNative, "bdist_wheel": PlatformWheel},
 )

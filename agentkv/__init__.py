@@ -10,9 +10,9 @@ from .config import MemoryConfig, parse_size
 from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
                      MemoryClosed, NotACache, NotALlama, RestoreFailed, StoreBusy, TurnInProgress,
                      UnknownAgent, UnsupportedLlamaCpp)
-from .draft import NgramDraft
+from ._llama.draft import NgramDraft
 from .memory import AgentMemory
-from .shared import SharedTier
+from ._store.shared import SharedTier
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
 

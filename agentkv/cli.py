@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from .blocks import Record
-from .diskio import DB_NAME, check_database, claim
+from ._store.records import Record
+from ._store.files import DB_NAME, check_database, claim
 from .errors import AgentKVError, CorruptEntry, NotACache
-from .store import DiskStore
+from ._store.disk import DiskStore
 
 
 class _Refused(Exception):
@@ -59,7 +59,7 @@ def _store(path: str, at_rest: int = 0) -> DiskStore:
 
 def _tier(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The shared tier named by --shared (and --namespace)."""
-    from .shared import RedisTier, SharedTier
+    from ._store.shared import RedisTier, SharedTier
     try:
         return RedisTier(SharedTier(args.shared, namespace=args.namespace, timeout=10.0), b"")
     except AgentKVError as exc:
@@ -214,12 +214,12 @@ def _gc(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """``python -m agentkv serve``: start the workers, then serve until interrupted."""
-    from .server import EXTRA_HINT, worker_config
+    from ._server import EXTRA_HINT, worker_config
     try:
         import uvicorn
 
-        from .server.app import Server  # starlette
-        from .server.pool import Pool, WorkerDied
+        from ._server.app import Server  # starlette
+        from ._server.pool import Pool, WorkerDied
     except ImportError as exc:
         print(f"{EXTRA_HINT} ({exc})", file=sys.stderr)
         return 2
@@ -268,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            help="drop damaged payloads and the records naming them (cache_dir)")
         p.set_defaults(fn=fn)
     serve = sub.add_parser("serve", help="an OpenAI-compatible server whose agents keep their KV")
-    from .server import add_arguments
+    from ._server import add_arguments
     add_arguments(serve)
     serve.set_defaults(fn=_serve)
     args = ap.parse_args(argv)

@@ -28,18 +28,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from .atrest import code_of
+from ._store.atrest import code_of
 from .config import MemoryConfig, SizeLike
-from .draft import DraftLike, NgramDraft, draft_config
-from .engine import Engine, hash_file
+from ._llama.draft import DraftLike, NgramDraft, draft_config
+from ._llama.engine import Engine, hash_file
 from .errors import (ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId, MemoryClosed,
                      NotACache, RestoreFailed, TurnInProgress, UnknownAgent)
-from .residency import RamTier
-from .shared import RedisTier, Remote, SharedTier, shared_config
-from .snapshot import Snapshot
+from ._memory.ram import RamTier
+from ._store.shared import RedisTier, Remote, SharedTier, shared_config
+from ._format.snapshot import Snapshot
 from .stats import AgentInfo, MemoryStats, TurnRecord
-from .store import DiskStore, NoDisk, agent_key
-from .writer import WriteBehind
+from ._store.disk import DiskStore, NoDisk, agent_key
+from ._memory.writer import WriteBehind
 
 _DEFAULT: Any = object()  # "the memory's own setting" for per-call options
 
@@ -470,7 +470,7 @@ class AgentMemory:
                 if own_cache is not None:
                     llm.cache = own_cache
                 self._writer_may_run.set()  # the turn made no token (or made them all)
-                self._engine.scrub()  # ready for the next disk restore, outside its TTFT
+                self._engine.zero_restore_buffer()  # ready for the next disk restore, outside its TTFT
                 while self._pushed_out:  # what RAM pushed out is durable before the next turn
                     victim, pushed = self._pushed_out.pop()
                     self._rewrite_if_lost(victim, pushed)

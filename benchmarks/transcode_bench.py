@@ -5,10 +5,9 @@ Command::
     .venv/bin/python benchmarks/transcode_bench.py [--mb 8] [--repeats 5] [--json out.json]
 
 Input: KV-like float16 rows (256 values, Gemma 3 270M's head size) totalling ``--mb`` MB.
-For each format it times encode (f16 -> blocks) and decode (blocks -> f16); for the
-transposed-V kernels it times gathering cells [a, b) of a 2,000-cell span and scattering them
-back. One warm-up, then ``--repeats`` timed runs; the table shows medians. MB/s always counts
-the float16 bytes (input of encode, output of decode, bytes moved by gather/scatter).
+For each format it times encode (f16 -> blocks) and decode (blocks -> f16). One warm-up,
+then ``--repeats`` timed runs; the table shows medians. MB/s counts the float16 bytes (input
+of encode, output of decode).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import time
 
 import numpy as np
 
-from agentkv import quant
+from agentkv._quant import kernels as quant
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -64,25 +63,6 @@ def main() -> None:
                                        args.repeats)
                 row[f"{name}_mb_s"] = rows.nbytes / s / 1e6
             results.append(row)
-
-    # transposed V: 256 rows x 2,000 cells of f16; move cells [500, 1500) out and back
-    n_rows, n_cells, el, a, b = 256, 2000, 2, 500, 1500
-    reps = max(1, int(args.mb * 1e6 // (n_rows * (b - a) * el)))
-    span = rng.integers(0, 256, n_rows * n_cells * el, dtype=np.uint8)
-    part = np.empty(n_rows * (b - a) * el, dtype=np.uint8)
-    for op in ("gather", "scatter"):
-        row = {"kernel": f"transposed-V {op}"}
-        for name, k in backends.items():
-            if op == "gather":
-                def fn(k=k):
-                    for _ in range(reps):
-                        quant.gather_cells(span, n_rows, n_cells, el, a, b, out=part, kernels=k)
-            else:
-                def fn(k=k):
-                    for _ in range(reps):
-                        quant.scatter_cells(part, span, n_rows, n_cells, el, a, b, kernels=k)
-            row[f"{name}_mb_s"] = reps * part.nbytes / median_seconds(fn, args.repeats) / 1e6
-        results.append(row)
 
     for r in results:
         r["speedup"] = r["native_mb_s"] / r["numpy_mb_s"]

@@ -1,9 +1,8 @@
 /*
- * agentkv native kernels: KV rows at rest (float16 <-> ggml q8_0 / q4_0 / q4_1 / iq4_nl blocks) and
- * the gather/scatter of cell ranges of transposed-V spans.
+ * agentkv native kernels: KV rows at rest (float16 <-> ggml q8_0 / q4_0 / q4_1 / iq4_nl blocks).
  *
  * Every kernel takes raw buffers and returns 0 on success, a negative code on bad arguments.
- * The output is bit-identical to the numpy twins in agentkv/_quant_numpy.py, which follow
+ * The output is bit-identical to the numpy twins in agentkv/_quant/reference.py, which follow
  * ggml's reference quantizers (ggml-quants.c quantize_row_*_ref / dequantize_row_*) operation
  * by operation in float32:
  *   - float -> int casts behave as x86's cvttss2si: NaN / out of range -> INT32_MIN, and an
@@ -284,23 +283,5 @@ AKV_API int akv_decode(int fmt, const uint8_t *src, size_t n, uint16_t *dst) {
     const dec_fn f = use_simd() && !g_force_scalar ? DEC_SIMD[fmt] : DEC_REF[fmt];
     const size_t bb = (size_t)BLOCK_BYTES[fmt];
     for (size_t i = 0; i < n / QK; i++) f(src + i * bb, dst + i * QK);
-    return 0;
-}
-
-/* Transposed V: n_rows rows of n_cells elements of el bytes. Cells [a, b) of every row,
- * rows concatenated, go to out (gather) or come from in (scatter). */
-AKV_API int akv_gather(const uint8_t *span, size_t n_rows, size_t n_cells, size_t el,
-                       size_t a, size_t b, uint8_t *out) {
-    if (a > b || b > n_cells) return -1;
-    const size_t row = n_cells * el, w = (b - a) * el;
-    for (size_t r = 0; r < n_rows; r++) memcpy(out + r * w, span + r * row + a * el, w);
-    return 0;
-}
-
-AKV_API int akv_scatter(const uint8_t *in, size_t n_rows, size_t n_cells, size_t el,
-                        size_t a, size_t b, uint8_t *span) {
-    if (a > b || b > n_cells) return -1;
-    const size_t row = n_cells * el, w = (b - a) * el;
-    for (size_t r = 0; r < n_rows; r++) memcpy(span + r * row + a * el, in + r * w, w);
     return 0;
 }

@@ -56,3 +56,9 @@ def blobs(draw, max_cells: int = 40):
                     v_row = n_embd // ve * vb
                     out.append(struct.pack("<iQ", v_type, v_row) + rng.bytes(count * v_row))
     return b"".join(out)
+
+
+def joined(split):
+    """``split_views``' result with each piece's bytes joined: (shape, [Piece])."""
+    shape, views = split
+    return shape, [v.piece() for v in views]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from agentkv import AgentMemory, ConfigError
-from agentkv import pieces as seqpieces
-from agentkv.atrest import RestPiece
+from agentkv._format import pieces as seqpieces
+from agentkv._store.atrest import RestPiece
 from conftest import last_logits
 
 PROMPT = "Ledger: " + " ".join(f"entry {i} moves {i * 3 % 17} crates to dock {i % 4}." for i in range(70))

@@ -8,7 +8,7 @@ import sys
 import diskcache
 import pytest
 
-from agentkv.diskio import SafeDisk, StoreLock
+from agentkv._store.files import SafeDisk, StoreLock
 from agentkv.errors import CorruptEntry
 
 
@@ -74,8 +74,8 @@ def test_safe_disk_stores_bytes_and_refuses_pickles(tmp_path):
 
 
 def test_record_index_counts_a_shared_payload_once_and_frees_it_with_its_last_holder():
-    from agentkv.blocks import Record
-    from agentkv.recindex import RecordIndex
+    from agentkv._store.records import Record
+    from agentkv._store.index import RecordIndex
     sizes = {"blk/shared": 100, "blk/a": 10, "kv/a": 1, "blk/b": 20, "kv/b": 2}
     asked = []
 

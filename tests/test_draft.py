@@ -7,7 +7,7 @@ import pytest
 import xxhash
 
 from agentkv import AgentMemory, ConfigError, NgramDraft
-from agentkv.draft import _Pace, greedy_refusal, lookup_start
+from agentkv._llama.draft import _Pace, greedy_refusal, lookup_start
 from conftest import SYSTEM, chat_chain, last_logits, new_process_step
 
 # A turn that copies from its context: the planner is asked to repeat its rules.

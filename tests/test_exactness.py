@@ -7,7 +7,7 @@ import pytest
 import xxhash
 
 from agentkv import AgentMemory
-from agentkv.laid import LaidState
+from agentkv._format.image import RestoreImage
 from conftest import QUESTIONS, chat_chain, last_logits, new_process_step, plain_step
 
 
@@ -30,7 +30,7 @@ def test_exact_through_ram(llm, tmp_path, laid):
             mem.create_completion("critic", next(other), max_tokens=4, temperature=0)
             step.logits = logits
             # held in RAM laid out for the restore (its padding on the zero page)
-            step.laid += isinstance(mem._ram.peek("planner").state, LaidState)
+            step.laid += isinstance(mem._ram.peek("planner").state, RestoreImage)
             return out
 
         step.laid = 0

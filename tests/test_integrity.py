@@ -12,7 +12,7 @@ import pytest
 
 from agentkv import (AgentKVError, AgentMemory, ConfigError, InvalidAgentId, MemoryClosed,
                      NotALlama, UnknownAgent)
-from agentkv.store import agent_key
+from agentkv._store.disk import agent_key
 from conftest import MODEL_PATH, last_logits, make_llm
 
 PROMPT_A = "Inventory: " + " ".join(f"box {i} holds {i * 3} apples." for i in range(120))

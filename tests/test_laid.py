@@ -7,11 +7,12 @@ import mmap
 import numpy as np
 import pytest
 
-from agentkv import state as seqstate
-from agentkv import pieces as seqpieces
-from agentkv.engine import Engine
-from agentkv import laid as laidmod
-from agentkv.laid import LaidState, _zero_runs
+from agentkv._format import seqstate
+from agentkv._format import pieces as seqpieces
+from blobgen import joined
+from agentkv._llama.engine import Engine
+from agentkv._format import image as imagemod
+from agentkv._format.image import RestoreImage, _zero_runs
 from conftest import make_llm
 
 PROMPT = "Layout food: " + " ".join(f"a pebble numbered {i} rolls downhill." for i in range(180))
@@ -28,7 +29,7 @@ def snaps(request):
         whole = engine._state(-1).copy()
         # what a restore of the compact snapshot loads: the never-evicted layout
         parsed = seqstate.parse(compact.state)
-        loaded = bytes(engine._layout_like_never_evicted(compact.state, parsed, compact.n_tokens)[0])
+        loaded = bytes(engine._pad_image(compact.state, parsed, compact.n_tokens)[0])
         engine._zero_dirty()
         return laid, compact, loaded, request.param, whole
     finally:
@@ -50,7 +51,7 @@ def owned_bytes(buf: np.ndarray) -> int:
 
 def test_laid_state_is_what_a_restore_loads_and_splits_as_the_compact_one(snaps):
     laid, compact, loaded, _, _ = snaps
-    assert isinstance(laid.state, LaidState) and not isinstance(compact.state, LaidState)
+    assert isinstance(laid.state, RestoreImage) and not isinstance(compact.state, RestoreImage)
     assert np.array_equal(laid.tokens, compact.tokens)
     assert np.array_equal(laid.logits, compact.logits)
     assert bytes(laid.state.buf) == loaded
@@ -62,9 +63,9 @@ def test_laid_state_is_what_a_restore_loads_and_splits_as_the_compact_one(snaps)
         for x, y in zip(c.streams, d.streams):
             assert (x.cell_count, x.k, x.v, x.v_trans) == (y.cell_count, y.k, y.v, y.v_trans)
             assert np.array_equal(x.pos, y.pos)
-    assert bytes(seqstate.set_front(st.buf, st.parsed, st.cache, st.floor)) == bytes(compact.state)
-    shape_a, parts_a = laid.state.split_parts(64)
-    shape_b, parts_b = seqpieces.split_parts(compact.state, 64)
+    assert bytes(seqstate.set_window_start(st.buf, st.parsed, st.cache, st.window_start)) == bytes(compact.state)
+    shape_a, parts_a = laid.state.split_views(64)
+    shape_b, parts_b = seqpieces.split_views(compact.state, 64)
     assert shape_a == shape_b
     assert [(p.cache, p.stream, p.pos0, p.count, p.cells_len) for p in parts_a] == \
            [(p.cache, p.stream, p.pos0, p.count, p.cells_len) for p in parts_b]
@@ -75,9 +76,9 @@ def test_laid_padding_costs_no_ram(snaps):
     laid, compact, loaded, mode, _ = snaps
     st = laid.state
     page = mmap.PAGESIZE
-    runs = _zero_runs(st.parsed, st.cache, st.floor)
+    runs = _zero_runs(st.parsed, st.cache, st.window_start)
     # the zero runs are the padding cells' rows: all the layout adds but their cell records
-    assert sum(b - a for a, b in runs) == len(loaded) - len(compact.state) - 12 * st.floor
+    assert sum(b - a for a, b in runs) == len(loaded) - len(compact.state) - 12 * st.window_start
     # owned: the compact bytes, plus at most the partial pages at the ends of the zero runs
     assert len(compact.state) <= st.nbytes <= len(compact.state) + 2 * page * len(runs) + page
     if mode == "flash":  # rows are cells: the zero runs are long, and their pages never resident
@@ -88,27 +89,27 @@ def test_laid_padding_costs_no_ram(snaps):
 
 @pytest.mark.parametrize("start", [0, 1, 63, 64, 65])
 def test_split_parts_start_at_matches_set_front(snaps, start):
-    """split_parts(start_at=p) cuts exactly the blocks set_front(p) would be cut into."""
+    """split_views(window_start=p) cuts exactly the blocks set_window_start(p) would be cut into."""
     _, _, loaded, _, _ = snaps
     parsed = seqstate.parse(loaded)
     swa = parsed.caches[1].only_stream()
     p = swa.pos_max - 700 + start
-    want_shape, want = seqpieces.split(seqstate.set_front(loaded, parsed, 1, p), 64)
-    shape, got = seqpieces.split_parts(loaded, 64, parsed, start_at={1: p})
+    want_shape, want = joined(seqpieces.split_views(seqstate.set_window_start(loaded, parsed, 1, p), 64))
+    shape, got = seqpieces.split_views(loaded, 64, parsed, window_start={1: p})
     assert shape == want_shape
     assert [(q.cache, q.pos0, q.count, bytes(q.piece().data)) for q in got] == \
            [(q.cache, q.pos0, q.count, bytes(q.data)) for q in want]
     with pytest.raises(ValueError, match="cannot start"):
-        seqpieces.split_parts(loaded, 64, parsed, start_at={1: swa.pos_max + 1})
+        seqpieces.split_views(loaded, 64, parsed, window_start={1: swa.pos_max + 1})
 
 
 def test_lay_out_rebuilds_the_snapshot_and_falls_back_where_the_kernel_cannot(snaps, monkeypatch):
     laid, compact, loaded, _, whole = snaps
-    again = laidmod.lay_out(whole, seqstate.parse(whole), 1, laid.state.floor, 0)
+    again = imagemod.build_image(whole, seqstate.parse(whole), 1, laid.state.window_start, 0)
     assert bytes(again.buf) == loaded
     with pytest.raises(ValueError, match="from position 0"):  # a compact state has no front
-        laidmod.lay_out(compact.state, seqstate.parse(compact.state), 1, laid.state.floor, 0)
-    monkeypatch.setattr(laidmod, "_supported", None)
-    monkeypatch.setattr(laidmod, "_MADV_POPULATE_READ", 12345)  # an advice no kernel knows
-    assert laidmod.lay_out(whole, seqstate.parse(whole), 1, laid.state.floor, 0) is None
-    assert laidmod._supported is False  # learnt once: later snapshots stay compact at once
+        imagemod.build_image(compact.state, seqstate.parse(compact.state), 1, laid.state.window_start, 0)
+    monkeypatch.setattr(imagemod, "_supported", None)
+    monkeypatch.setattr(imagemod, "_MADV_POPULATE_READ", 12345)  # an advice no kernel knows
+    assert imagemod.build_image(whole, seqstate.parse(whole), 1, laid.state.window_start, 0) is None
+    assert imagemod._supported is False  # learnt once: later snapshots stay compact at once

@@ -60,7 +60,7 @@ def test_sdist_installs_beside_a_users_llama_cpp_and_loads_its_kernels(tmp_path)
     assert _digest(site) == before, "pip replaced the user's llama-cpp-python"
     assert "Collecting llama-cpp-python" not in out.stdout
 
-    check = ("import agentkv, agentkv.quant as q, llama_cpp;"
+    check = ("import agentkv, agentkv._quant.kernels as q, llama_cpp;"
              "print(agentkv.__version__, q.BACKEND, q.NATIVE is not None, llama_cpp.__version__)")
     env = {k: v for k, v in os.environ.items() if k != "AGENTKV_PUREPYTHON"}
     got = subprocess.run([py, "-c", check], capture_output=True, text=True, check=True,

@@ -13,9 +13,9 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from agentkv import quant
-from agentkv import _quant_numpy as twin
-from agentkv._quant_numpy import f32_to_f16_bits
+from agentkv._quant import kernels as quant
+from agentkv._quant import reference as twin
+from agentkv._quant.reference import f32_to_f16_bits
 
 FORMATS = quant.FORMATS
 # How this CPU converts an out-of-range float to an integer (ggml's reference inherits it).
@@ -77,10 +77,10 @@ def _backends():
 def kernels(request):
     k, scalar = request.param
     if scalar is not None:
-        k.lib.akv_force_scalar(int(scalar))
+        k.force_scalar(scalar)
     yield k
     if scalar is not None:
-        k.lib.akv_force_scalar(0)
+        k.force_scalar(False)
 
 
 @pytest.fixture(scope="module")
@@ -221,37 +221,16 @@ def test_clear_errors():
         quant.encode(np.zeros(32, np.float16), "q4_0", out=np.zeros(17, np.uint8))
     with pytest.raises(ValueError, match="read-only"):
         quant.decode(np.zeros(18, np.uint8), "q4_0", out=bytes(64))
-    with pytest.raises(ValueError, match="cell range"):
-        quant.gather_cells(np.zeros(40, np.uint8), 4, 5, 2, 3, 6)
-
-
-@pytest.mark.parametrize("kernels", _backends(), indirect=True)
-def test_transposed_v_gather_scatter_roundtrip(kernels):
-    rng = np.random.default_rng(11)
-    n_rows, n_cells, el = 256, 777, 2
-    span = rng.integers(0, 256, n_rows * n_cells * el, dtype=np.uint8)
-    view = span.reshape(n_rows, n_cells, el)
-    rebuilt = np.zeros_like(span)
-    edges = [0, 1, 256, 300, 512, 776, 777]
-    for a, b in zip(edges, edges[1:]):  # split into blocks, then assemble them back
-        part = quant.gather_cells(span, n_rows, n_cells, el, a, b, kernels=kernels)
-        assert np.array_equal(part.reshape(n_rows, b - a, el), view[:, a:b])
-        quant.scatter_cells(part, rebuilt, n_rows, n_cells, el, a, b, kernels=kernels)
-    assert np.array_equal(rebuilt, span)
-    empty = quant.gather_cells(span, n_rows, n_cells, el, 5, 5, kernels=kernels)
-    assert empty.nbytes == 0
 
 
 FORCED = textwrap.dedent("""
     import hashlib, numpy as np
-    from agentkv import quant
+    from agentkv._quant import kernels as quant
     x = np.random.default_rng(0).standard_normal(32 * 999).astype(np.float16)
     h = hashlib.sha256()
     for fmt in quant.FORMATS:
         q = quant.encode(x, fmt)
         h.update(q.tobytes()); h.update(quant.decode(q, fmt).tobytes())
-    span = np.arange(4 * 50 * 2, dtype=np.uint8)
-    h.update(quant.gather_cells(span, 4, 50, 2, 7, 31).tobytes())
     print(quant.BACKEND, h.hexdigest())
 """)
 

@@ -18,7 +18,7 @@ import pytest
 import xxhash
 
 from agentkv import AgentMemory, ConfigError, SharedTier
-from agentkv.blocks import Record
+from agentkv._store.records import Record
 from conftest import QUESTIONS, SYSTEM, chat_chain, last_logits, make_llm
 from redis_server import start_redis
 
@@ -370,7 +370,7 @@ def test_bad_shared_settings_are_named(llm, tmp_path):
 
 def test_without_the_redis_client_the_extra_is_named(tmp_path):
     code = ("import sys; sys.modules['redis'] = None\n"
-            "from agentkv.shared import RedisTier, SharedTier\n"
+            "from agentkv._store.shared import RedisTier, SharedTier\n"
             "from agentkv import ConfigError\n"
             "try:\n"
             "    RedisTier(SharedTier('redis://127.0.0.1:1/0'), b'')\n"

@@ -7,10 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agentkv import CorruptEntry
-from agentkv import state as seqstate
-from agentkv import pieces as seqpieces
-from agentkv.engine import Engine
-from agentkv.snapshot import check_state
+from agentkv._format import seqstate
+from agentkv._format import pieces as seqpieces
+from blobgen import joined
+from agentkv._llama.engine import Engine
+from agentkv._format.snapshot import check_state
 from conftest import make_llm
 
 PROMPT = "Parser food: " + " ".join(f"token soup {i}." for i in range(140))
@@ -41,10 +42,10 @@ def test_parse_real_blob(blob):
 def test_set_front_pads_and_trims_back_to_the_same_bytes(blob):
     raw, n, margin_blob, _, _ = blob
     parsed = seqstate.parse(raw)
-    padded = seqstate.set_front(raw, parsed, 1, 0)
+    padded = seqstate.set_window_start(raw, parsed, 1, 0)
     p2 = seqstate.parse(padded)
     assert p2.caches[1].only_stream().cell_count == n
-    assert bytes(seqstate.set_front(padded, p2, 1, n - 512)) == raw
+    assert bytes(seqstate.set_window_start(padded, p2, 1, n - 512)) == raw
     # the engine's snapshot keeps 64 positions more than the next token's window needs,
     # from a multiple of the block size (1 for this engine)
     swa = check_state(margin_blob, n).caches[1].only_stream()
@@ -54,7 +55,7 @@ def test_set_front_pads_and_trims_back_to_the_same_bytes(blob):
 def check_padded_into_buffer(compact, n, mode, pad_into):
     """``pad_into(out, written)`` pads ``compact`` to position 0 in a given buffer: it must give
     the same bytes as a fresh one and report every range it wrote, padding rows aside."""
-    want = bytes(seqstate.set_front(compact, seqstate.parse(compact), 1, 0))
+    want = bytes(seqstate.set_window_start(compact, seqstate.parse(compact), 1, 0))
     buf = np.zeros(len(want) + 100, dtype=np.uint8)
     wrote: list = []
     got = pad_into(lambda k: buf[:k], wrote)
@@ -69,26 +70,26 @@ def check_padded_into_buffer(compact, n, mode, pad_into):
 
 def test_set_front_into_a_given_buffer_reports_what_it_wrote(blob):
     _, n, compact, mode, _ = blob
-    check_padded_into_buffer(compact, n, mode, lambda out, written: seqstate.set_front(
+    check_padded_into_buffer(compact, n, mode, lambda out, written: seqstate.set_window_start(
         compact, seqstate.parse(compact), 1, 0, out=out, written=written))
 
 
 def test_assemble_into_a_given_buffer_reports_what_it_wrote(blob):
     _, n, compact, mode, _ = blob
-    shape, pieces = seqpieces.split(compact, 256)
+    shape, pieces = joined(seqpieces.split_views(compact, 256))
     check_padded_into_buffer(compact, n, mode, lambda out, written: seqpieces.assemble(
-        shape, pieces, front={1: 0}, out=out, written=written))
+        shape, pieces, window_start={1: 0}, out=out, written=written))
 
 
 @pytest.mark.parametrize("block_tokens", [1, 16, 100, 256, 4096])
 def test_real_blobs_split_and_assemble_byte_for_byte(blob, block_tokens):
     raw, _, margin_blob, _, _ = blob
     for b in (raw, bytes(margin_blob)):
-        shape, pieces = seqpieces.split(b, block_tokens)
+        shape, pieces = joined(seqpieces.split_views(b, block_tokens))
         assert bytes(seqpieces.assemble(shape, pieces)) == b
-        # assembling with padding gives what set_front gives the assembled blob
-        padded = seqpieces.assemble(shape, pieces, front={1: 0})
-        assert bytes(padded) == bytes(seqstate.set_front(b, seqstate.parse(b), 1, 0))
+        # assembling with padding gives what set_window_start gives the assembled blob
+        padded = seqpieces.assemble(shape, pieces, window_start={1: 0})
+        assert bytes(padded) == bytes(seqstate.set_window_start(b, seqstate.parse(b), 1, 0))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from agentkv import AgentMemory, ConfigError, NotACache, parse_size
-from agentkv.store import agent_key
+from agentkv._store.disk import agent_key
 from conftest import MODEL_PATH, last_logits, make_llm
 
 PROMPT = "Inventory: " + " ".join(f"box {i} holds {i * 3 + 1} grams of salt." for i in range(60))
@@ -522,7 +522,7 @@ def test_a_cache_set_on_the_llama_does_not_load_over_a_restore(llm, tmp_path):
 
 def test_the_store_lock_is_renewed_by_a_live_holder(tmp_path):
     import diskcache
-    from agentkv.diskio import SafeDisk, StoreLock
+    from agentkv._store.files import SafeDisk, StoreLock
     from agentkv.errors import AgentKVError, StoreBusy
     with diskcache.Cache(str(tmp_path), disk=SafeDisk) as cache:
         mine = StoreLock(cache, "here", expire=0.4)

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import ConfigError, CorruptEntry
-from .pieces import LazyPiece, Piece, Shape, piece_regions
+from ..errors import ConfigError, CorruptEntry
+from .._format.pieces import LazyPiece, Piece, Shape, piece_regions
 
 __all__ = ["CODES", "code_of", "to_rest", "from_rest", "RestPiece"]
 
@@ -42,7 +42,7 @@ def to_rest(shape: Shape, piece: Piece, code: int) -> Piece:
     """``piece`` with its float16 tensors in the at-rest format ``code``."""
     if code == 0:
         return piece
-    from . import quant
+    from .._quant import kernels as quant
     fmt = _NAMES[code]
     data = np.frombuffer(piece.data, dtype=np.uint8)
     parts: List[np.ndarray] = [data[:piece.cells_len]]
@@ -54,7 +54,7 @@ def to_rest(shape: Shape, piece: Piece, code: int) -> Piece:
 
 
 class RestPiece(LazyPiece):
-    """A piece still in its at-rest form, its sizes checked: :func:`~agentkv.pieces.assemble`
+    """A piece still in its at-rest form, its sizes checked: :func:`~agentkv._format.pieces.assemble`
     decodes it straight into its places in the blob (no float16 copy of its own).
 
     ``data`` is ``(src, fmt, runs)``: the at-rest bytes, the format, and per K/V region the
@@ -66,7 +66,7 @@ class RestPiece(LazyPiece):
         return self.cells_len + sum(n for _, _, n, _ in self.data[2])
 
     def read_into(self, views: List[memoryview]) -> None:
-        from . import quant
+        from .._quant import kernels as quant
         src, fmt, runs = self.data
         if len(views) != 1 + len(runs) or memoryview(views[0]).nbytes != self.cells_len:
             raise CorruptEntry("at-rest piece regions do not match its shape")
@@ -88,7 +88,7 @@ def from_rest(shape: Shape, piece: Piece, code: int, lazy: bool = False) -> Piec
     transposed; others are decoded here)."""
     if code == 0:
         return piece
-    from . import quant
+    from .._quant import kernels as quant
     fmt = _NAMES[code]
     src = np.frombuffer(piece.data, dtype=np.uint8)
     regions = piece_regions(shape, piece)

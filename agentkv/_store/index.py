@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Dict, List
 
-from .blocks import Record
+from .records import Record
 
 __all__ = ["RecordIndex"]
 

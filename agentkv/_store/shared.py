@@ -33,9 +33,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import xxhash
 
-from .blocks import Record
-from .errors import ConfigError, CorruptEntry, FingerprintMismatch
-from .store import mismatch
+from .records import Record
+from ..errors import ConfigError, CorruptEntry, FingerprintMismatch
+from .disk import mismatch
 
 __all__ = ["SharedTier", "RedisTier", "Remote", "shared_config"]
 

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Set
 import diskcache
 import numpy as np
 
-from .errors import ConfigError, CorruptEntry, NotACache, StoreBusy
+from ..errors import ConfigError, CorruptEntry, NotACache, StoreBusy
 
 __all__ = ["SafeDisk", "StoreLock", "Arena", "claim", "check_database", "database_damage",
            "move_aside", "open_regular", "MARKER", "DB_NAME"]

@@ -27,13 +27,13 @@ try:
 except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard dependency
     raise ImportError("agentkv needs llama-cpp-python (pip install llama-cpp-python)") from exc
 
-from . import state as seqstate
-from . import pieces as seqpieces
+from .._format import seqstate
+from .._format import pieces as seqpieces
 from .draft import NgramDraft, drafted_generate, greedy_refusal
-from .errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
-from .laid import LaidState, lay_out
+from ..errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
+from .._format.image import RestoreImage, build_image
 from .settings import ADAPTERS, compute, settings_of
-from .snapshot import Parts, Snapshot, check_state
+from .._format.snapshot import StoredPieces, Snapshot, check_state
 
 __all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "hash_file"]
 
@@ -75,13 +75,13 @@ class Engine:
         self.llm = llm
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm.model))
         self.swa_full = bool(llm.context_params.swa_full)
-        self._floor = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
+        self._window_start = 0  # first position whose SWA-layer KV is real (see _rollback_is_exact)
         self._exact = 0  # positions whose KV a cold prefill reproduces (see cold_exact)
         self._installed = False
         self._scratch = np.empty(0, dtype=np.uint8)
         # Restores lay the state out in this buffer, whose pages stay mapped (a fresh one
         # costs a page fault per 4 KiB written). Its padding must read as zeros: after a
-        # restore, scrub() zeroes the ranges the assembly wrote.
+        # restore, zero_restore_buffer() zeroes the ranges the assembly wrote.
         self._asm = np.empty(0, dtype=np.uint8)
         self._asm_dirty: list = []
         self._has_outputs = False  # the context has decoded at least once: it has a logits row
@@ -177,7 +177,7 @@ class Engine:
         """Empty the context: no tokens, no KV."""
         self.llm.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), False)
-        self._floor = 0
+        self._window_start = 0
         self._exact = 0
 
     # -- snapshot / restore ---------------------------------------------------------------
@@ -209,7 +209,7 @@ class Engine:
         rewrites the last few tokens of the history (a chat template re-rendering the previous
         answer) still continues exactly after a restore.
 
-        ``laid``: keep the state in the layout a restore loads (a :class:`~agentkv.laid.LaidState`,
+        ``laid``: keep the state in the layout a restore loads (a :class:`~agentkv._format.image.RestoreImage`,
         its padding backed by the zero page), for snapshots held in RAM; compact where that
         layout is not the one :meth:`restore` would build, or the kernel cannot back it.
         """
@@ -223,9 +223,9 @@ class Engine:
             logits = self.last_logits()
             self._has_outputs = True
         B = max(1, self.block_tokens)
-        # (a floor past the last position is stale: the context was evaluated again since)
-        floor = self._floor if self._floor < n else 0
-        keep_from = max(0, floor, (max(0, n - self.n_swa + 1 - margin) // B) * B)
+        # (a window_start past the last position is stale: the context was evaluated again since)
+        window_start = self._window_start if self._window_start < n else 0
+        keep_from = max(0, window_start, (max(0, n - self.n_swa + 1 - margin) // B) * B)
         if self.n_swa > 0 and keep_from > 0:
             whole = self._state(-1, scratch=True)  # every cell, SWA-masked ones included
             try:
@@ -236,10 +236,10 @@ class Engine:
                         and swa.simple_cells and base.simple_cells and swa.is_contiguous
                         and swa.pos_min <= keep_from and swa.pos_max == n - 1):
                     if laid and self.swa_full and swa.pos_min == 0:
-                        kept = lay_out(whole, parsed, 1, keep_from, _SEQ)
+                        kept = build_image(whole, parsed, 1, keep_from, _SEQ)
                         if kept is not None:
                             return Snapshot(tokens, kept, logits, self.cold_exact)
-                    return Snapshot(tokens, seqstate.set_front(whole, parsed, 1, keep_from, _SEQ),
+                    return Snapshot(tokens, seqstate.set_window_start(whole, parsed, 1, keep_from, _SEQ),
                                     logits, self.cold_exact)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
                 log.debug("whole-context state not trimmable (%s); saving the sequence state", exc)
@@ -250,16 +250,16 @@ class Engine:
         n = snap.n_tokens
         if n > self.llm.n_ctx():
             raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
-        if isinstance(snap.state, LaidState):  # laid out and parsed when it was taken
-            blob, floor = snap.state.buf, snap.state.floor
+        if isinstance(snap.state, RestoreImage):  # laid out and parsed when it was taken
+            blob, window_start = snap.state.buf, snap.state.window_start
             base = snap.state.parsed.caches[0].only_stream()
             if base is None or base.cell_count != n:
                 raise CorruptEntry(f"laid-out state does not hold the snapshot's {n} tokens")
-        elif isinstance(snap.state, Parts):
-            blob, floor = self._assemble_like_never_evicted(snap.state, n)
+        elif isinstance(snap.state, StoredPieces):
+            blob, window_start = self._assemble_image(snap.state, n)
         else:
             parsed = check_state(snap.state, n)
-            blob, floor = self._layout_like_never_evicted(snap.state, parsed, n)
+            blob, window_start = self._pad_image(snap.state, parsed, n)
         self.clear()
         if n == 0:
             return
@@ -271,7 +271,7 @@ class Engine:
         self.llm.input_ids[:n] = snap.tokens
         self.llm.n_tokens = n
         self.llm._requires_eval = not self._put_logits(snap.logits)
-        self._floor = floor
+        self._window_start = window_start
         self._exact = min(snap.exact, n)
 
     def _put_logits(self, logits: Optional[np.ndarray]) -> bool:
@@ -287,30 +287,30 @@ class Engine:
         np.ctypeslib.as_array(ptr, shape=(n_vocab,))[:] = logits
         return True
 
-    def _assemble_like_never_evicted(self, parts: Parts, n: int):
-        """Assemble pieces read from disk straight into the layout :meth:`_layout_like_never_evicted`
-        gives a blob (one copy instead of two); return it (checked) and its SWA floor."""
+    def _assemble_image(self, parts: StoredPieces, n: int):
+        """Assemble pieces read from disk straight into the layout :meth:`_pad_image`
+        gives a blob (one copy instead of two); return it (checked) and its SWA window_start."""
         shape, pieces = parts.shape, parts.pieces
         last = len(shape.caches) - 1
         swa = [p for p in pieces if p.cache == last] if self.n_swa > 0 and last > 0 else []
-        floor = min((p.pos0 for p in swa), default=0)
-        front = None
-        if (n > 0 and floor > 0 and self.swa_full and len({p.stream for p in swa}) == 1
-                and all(p.cells_len == 12 * p.count for p in swa)):
-            front = {last: 0}
+        window_start = min((p.pos0 for p in swa), default=0)
+        window_start = None
+        if (n > 0 and window_start > 0 and self.swa_full and len({p.stream for p in swa}) == 1
+                and all(p.cells_len == seqstate.CELL_BYTES * p.count for p in swa)):
+            window_start = {last: 0}
         try:
-            blob = seqpieces.assemble(shape, pieces, front, out=self._assembly_buffer,
+            blob = seqpieces.assemble(shape, pieces, window_start, out=self._assembly_buffer,
                                      written=self._asm_dirty)
         except CorruptEntry:
             raise  # keeps the key of the damaged payload
         except ValueError as exc:
             raise CorruptEntry(f"stored pieces do not assemble: {exc}") from exc
         parsed = check_state(blob, n)
-        if front is not None:
+        if window_start is not None:
             stream = parsed.caches[last].only_stream()
             if stream is None or not stream.is_contiguous or stream.pos_min != 0:
                 raise CorruptEntry("stored SWA cells are not one contiguous run")
-        return blob, floor
+        return blob, window_start
 
     def _assembly_buffer(self, nbytes: int) -> np.ndarray:
         """``nbytes`` of the engine's assembly buffer, all zeros (grown when too small)."""
@@ -328,7 +328,7 @@ class Engine:
             self._asm[a:b] = 0
         self._asm_dirty.clear()
 
-    def scrub(self) -> None:
+    def zero_restore_buffer(self) -> None:
         """Zero what the last assembly wrote, so the buffer's padding reads as zeros next time,
         and grow the buffer to the live context's laid-out size (plus a quarter), touching its
         pages now (AgentMemory calls this after a turn, off the next restore's path: a fresh
@@ -340,8 +340,8 @@ class Engine:
             self._grow_assembly(self._scratch.nbytes)
             self._asm.fill(0)  # written, so its pages are this process's from now on
 
-    def _layout_like_never_evicted(self, blob: Any, parsed: seqstate.SeqState, n: int):
-        """The blob to load and the SWA floor it leaves (see state.py on padding); a padded
+    def _pad_image(self, blob: Any, parsed: seqstate.SeqState, n: int):
+        """The blob to load and the SWA window_start it leaves (see state.py on padding); a padded
         blob is built in the assembly buffer."""
         if n == 0 or self.n_swa <= 0 or len(parsed.caches) < 2:
             return blob, 0
@@ -349,7 +349,7 @@ class Engine:
         if swa is None or swa.pos_min <= 0:
             return blob, 0
         if self.swa_full and swa.simple_cells and swa.is_contiguous:
-            return seqstate.set_front(blob, parsed, len(parsed.caches) - 1, 0,
+            return seqstate.set_window_start(blob, parsed, len(parsed.caches) - 1, 0,
                                       out=self._assembly_buffer, written=self._asm_dirty), swa.pos_min
         return blob, swa.pos_min
 
@@ -401,7 +401,7 @@ class Engine:
         if self.n_swa <= 0 or reuse == 0:
             return True
         mem = llama_cpp.llama_get_memory(self.llm.ctx)
-        present_from = max(self._floor, int(llama_cpp.llama_memory_seq_pos_min(mem, _SEQ)))
+        present_from = max(self._window_start, int(llama_cpp.llama_memory_seq_pos_min(mem, _SEQ)))
         return max(0, reuse - self.n_swa + 1) >= present_from
 
     def _guarded_generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
@@ -429,7 +429,7 @@ class Engine:
                 reuse = common - 1 if consumed else common
                 if reuse < n and not self._rollback_is_exact(reuse):
                     log.info("prompt diverges at token %d, before the restored SWA window "
-                             "(from %d): prefilling the whole prompt", reuse, self._floor)
+                             "(from %d): prefilling the whole prompt", reuse, self._window_start)
                     self.clear()
                     reuse = 0
         if self.on_prompt is not None:
@@ -457,7 +457,7 @@ class Engine:
                 tokens = tokens[reuse:]
             else:
                 llm.reset()
-                self._floor = 0  # the whole prompt is evaluated again: its KV is all real
+                self._window_start = 0  # the whole prompt is evaluated again: its KV is all real
         draft = self.draft
         refusal = greedy_refusal(args, kwargs) if draft is not None else "off"
         if draft is not None and refusal is None:

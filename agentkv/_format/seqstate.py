@@ -21,7 +21,7 @@ Why padding exists: the writer drops the cells an SWA layer can no longer see, s
 SWA cache holds its last window at cell indices 0..W-1, while a context that was never evicted
 holds the same window at indices equal to the positions. ggml's attention kernels partition the
 KV by cell index (split-KV decode, tiles), so the two layouts round differently and the logits
-drift. :func:`set_front` puts zero-filled, SWA-masked cells in front of the window so that the
+drift. :func:`set_window_start` puts zero-filled, SWA-masked cells in front of the window so that the
 restored cache has the never-evicted layout again, and the arithmetic is bit for bit the same.
 The same function trims a whole-context dump's SWA cache down to the window plus a margin.
 """
@@ -34,10 +34,10 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import CorruptEntry
+from ..errors import CorruptEntry
 
-__all__ = ["SEQ_MAGIC", "CELL_DTYPE", "MAX_STREAMS", "StreamSection", "CacheSection", "SeqState",
-           "parse", "set_front"]
+__all__ = ["SEQ_MAGIC", "CELL_DTYPE", "CELL_BYTES", "LAYER_HEADER_BYTES", "MAX_STREAMS", "StreamSection", "CacheSection", "SeqState",
+           "parse", "set_window_start"]
 
 SEQ_MAGIC = 0xAF143CD8
 MAX_STREAMS = 256  # LLAMA_MAX_SEQ
@@ -45,6 +45,8 @@ _MAX_LAYERS = 4096
 _MAX_CELLS = 1 << 26
 _MAX_GGML_TYPE = 64
 CELL_DTYPE = np.dtype([("pos", "<i4"), ("n_seq_id", "<u4"), ("seq_id", "<i4")])
+CELL_BYTES = CELL_DTYPE.itemsize  # 12: a cell of one sequence and no extension
+LAYER_HEADER_BYTES = 12  # a layer's (i32 type, u64 row size) or (i32 type, u32 el, u32 n_embd)
 
 
 @dataclass(frozen=True)
@@ -141,10 +143,10 @@ class _Reader:
 
 def _parse_cells(r: _Reader, cell_count: int, ext_size: int) -> Tuple[np.ndarray, bool]:
     # Fast path: a single-sequence blob without cell extensions has 12-byte cells.
-    if ext_size == 0 and r.off + 12 * cell_count <= r.end:
+    if ext_size == 0 and r.off + CELL_BYTES * cell_count <= r.end:
         cells = np.frombuffer(r.buf, dtype=CELL_DTYPE, count=cell_count, offset=r.off)
         if bool(np.all(cells["n_seq_id"] == 1)):
-            r.off += 12 * cell_count
+            r.off += CELL_BYTES * cell_count
             return cells["pos"].copy(), True
     pos = np.empty(cell_count, dtype=np.int32)
     for i in range(cell_count):
@@ -215,7 +217,7 @@ def parse(blob: bytes, ext_size: int = 0) -> SeqState:
     return SeqState(seq_id, tuple(caches), len(buf))
 
 
-def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
+def set_window_start(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
               seq_id: Optional[int] = None, out: Optional[Callable[[int], np.ndarray]] = None,
               written: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
     """A copy of ``blob`` whose cache ``cache_index`` starts at position ``new_pos_min``.
@@ -230,14 +232,14 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
     cache = state.caches[cache_index]
     stream = cache.only_stream()
     if stream is None or not stream.simple_cells or not stream.is_contiguous:
-        raise ValueError("set_front needs one stream of simple, contiguous cells")
+        raise ValueError("set_window_start needs one stream of simple, contiguous cells")
     if not 0 <= new_pos_min <= stream.pos_max:
         raise ValueError(f"new_pos_min {new_pos_min} outside 0..{stream.pos_max}")
     src = np.frombuffer(blob, dtype=np.uint8)
     n_old = stream.cell_count
     delta = stream.pos_min - new_pos_min  # cells added (> 0) or dropped (< 0) in front
     n_new = n_old + delta
-    grow = delta * (12 + sum((sp.end - sp.start) // n_old for sp in stream.k + stream.v))
+    grow = delta * (CELL_BYTES + sum((sp.end - sp.start) // n_old for sp in stream.k + stream.v))
     if out is None:
         buf = np.zeros(src.nbytes + grow, dtype=np.uint8)  # calloc: padding costs no writes
     else:
@@ -269,15 +271,15 @@ def set_front(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
     cells["pos"] = np.arange(new_pos_min, new_pos_min + n_new, dtype=np.int32)
     cells["n_seq_id"] = 1
     cells["seq_id"] = seq if seq_id is None else seq_id
-    buf[o:o + 12 * n_new] = np.frombuffer(cells.tobytes(), np.uint8)
-    o, i = o + 12 * n_new, i + 12 * n_old
+    buf[o:o + CELL_BYTES * n_new] = np.frombuffer(cells.tobytes(), np.uint8)
+    o, i = o + CELL_BYTES * n_new, i + CELL_BYTES * n_old
     wrote.append((0, o + 8))  # headers, other caches, this stream's cells
     buf[o:o + 8] = src[i:i + 8]  # v_trans, n_layer
     o, i = o + 8, i + 8
     for span in stream.k + stream.v:
-        buf[o:o + 12] = src[i:i + 12]  # (i32 type, u64 row size) or (i32, u32 el, u32 n_embd)
-        wrote.append((o, o + 12))
-        o, i = o + 12, i + 12
+        buf[o:o + LAYER_HEADER_BYTES] = src[i:i + LAYER_HEADER_BYTES]
+        wrote.append((o, o + LAYER_HEADER_BYTES))
+        o, i = o + LAYER_HEADER_BYTES, i + LAYER_HEADER_BYTES
         if span.el_size == 0:  # rows are cells
             o, i = copy_rows(o, i, 1, span.row_size)
         else:  # transposed V: rows are embedding dims, cells along each row

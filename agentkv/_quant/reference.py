@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["encode", "decode", "gather", "scatter", "f32_to_f16_bits"]
+__all__ = ["encode", "decode", "f32_to_f16_bits"]
 
 QK = 32
 _F32 = np.float32
@@ -231,17 +231,3 @@ def decode(q: np.ndarray, fmt: str, out: np.ndarray) -> None:
                 m = _f16_to_f32(b[:, 2:4].copy().view(np.uint16))
                 y = (n.astype(_F32) * d) + m
     out.reshape(-1)[:] = f32_to_f16_bits(y.astype(_F32)).reshape(-1)
-
-
-def gather(span: np.ndarray, n_rows: int, n_cells: int, el_size: int, a: int, b: int,
-           out: np.ndarray) -> None:
-    """Cells ``[a, b)`` of every row of a transposed-V span, rows concatenated, into ``out``."""
-    src = np.asarray(span, dtype=np.uint8).reshape(n_rows, n_cells * el_size)
-    out.reshape(n_rows, (b - a) * el_size)[:] = src[:, a * el_size:b * el_size]
-
-
-def scatter(src: np.ndarray, n_rows: int, n_cells: int, el_size: int, a: int, b: int,
-            span: np.ndarray) -> None:
-    """The inverse of :func:`gather`: write ``src`` into cells ``[a, b)`` of ``span``."""
-    dst = span.reshape(n_rows, n_cells * el_size)
-    dst[:, a * el_size:b * el_size] = np.asarray(src, dtype=np.uint8).reshape(n_rows, -1)

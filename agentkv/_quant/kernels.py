@@ -1,4 +1,4 @@
-"""KV rows at rest: float16 <-> ggml's q8_0 / q4_0 / q4_1 blocks, and transposed-V gathers.
+"""KV rows at rest: float16 <-> ggml's q8_0 / q4_0 / q4_1 / iq4_nl blocks.
 
 Rows are transcoded in blocks of 32 values (ggml's QK), so a buffer's length must be a
 multiple of 32. The block layouts are ggml's own, byte for byte:
@@ -48,12 +48,11 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
-from . import _quant_numpy as _twin
+from . import reference as _twin
 
 __all__ = [
     "FORMATS", "QK", "GGML_TYPE", "BACKEND", "ISA", "Kernels", "NATIVE", "TWIN",
-    "block_bytes", "encoded_size", "encode", "decode", "roundtrip", "gather_cells",
-    "scatter_cells",
+    "block_bytes", "encoded_size", "encode", "decode", "roundtrip",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,21 +78,18 @@ class Kernels:
         isa: the code path: "avx2+f16c" or "scalar" (native), "numpy" (twins).
         encode: ``(src uint16[n], fmt, dst uint8[n/32*block]) -> None``.
         decode: ``(src uint8[...], fmt, dst uint16[n]) -> None``.
-        gather: ``(span, n_rows, n_cells, el_size, a, b, out) -> None``.
-        scatter: ``(src, n_rows, n_cells, el_size, a, b, span) -> None``.
-        lib: the ctypes library behind the native kernels (None for the twins).
+        force_scalar: ``(on) -> None`` makes the native kernels take their scalar reference
+            path (on) or their SIMD path again (off); None for the twins, which have one path.
     """
 
     name: str
     isa: str
     encode: Callable[[np.ndarray, str, np.ndarray], None]
     decode: Callable[[np.ndarray, str, np.ndarray], None]
-    gather: Callable[..., None]
-    scatter: Callable[..., None]
-    lib: Any = None  # the ctypes library (native only): tests switch its SIMD path off
+    force_scalar: Optional[Callable[[bool], None]] = None
 
 
-TWIN = Kernels("numpy", "numpy", _twin.encode, _twin.decode, _twin.gather, _twin.scatter)
+TWIN = Kernels("numpy", "numpy", _twin.encode, _twin.decode)
 
 
 def _find_library() -> Optional[str]:
@@ -123,9 +119,7 @@ def _load_native() -> Optional[Kernels]:
     vp, sz, ci = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
     lib.akv_encode.argtypes = [ci, vp, sz, vp]
     lib.akv_decode.argtypes = [ci, vp, sz, vp]
-    lib.akv_gather.argtypes = [vp, sz, sz, sz, sz, sz, vp]
-    lib.akv_scatter.argtypes = [vp, sz, sz, sz, sz, sz, vp]
-    for fn in (lib.akv_encode, lib.akv_decode, lib.akv_gather, lib.akv_scatter):
+    for fn in (lib.akv_encode, lib.akv_decode):
         fn.restype = ci
     lib.akv_isa.restype = ctypes.c_char_p
     lib.akv_force_scalar.argtypes = [ci]
@@ -140,16 +134,10 @@ def _load_native() -> Optional[Kernels]:
     def decode(src: np.ndarray, fmt: str, dst: np.ndarray) -> None:
         check(lib.akv_decode(_FMT_ID[fmt], src.ctypes.data, dst.size, dst.ctypes.data), "decode")
 
-    def gather(span: np.ndarray, n_rows: int, n_cells: int, el: int, a: int, b: int,
-               out: np.ndarray) -> None:
-        check(lib.akv_gather(span.ctypes.data, n_rows, n_cells, el, a, b, out.ctypes.data), "gather")
+    def force_scalar(on: bool) -> None:
+        lib.akv_force_scalar(int(on))
 
-    def scatter(src: np.ndarray, n_rows: int, n_cells: int, el: int, a: int, b: int,
-                span: np.ndarray) -> None:
-        check(lib.akv_scatter(src.ctypes.data, n_rows, n_cells, el, a, b, span.ctypes.data),
-              "scatter")
-
-    return Kernels("native", lib.akv_isa().decode(), encode, decode, gather, scatter, lib)
+    return Kernels("native", lib.akv_isa().decode(), encode, decode, force_scalar)
 
 
 NATIVE: Optional[Kernels] = _load_native()
@@ -242,39 +230,3 @@ def roundtrip(f16: Buffer, fmt: str, out: Optional[Buffer] = None,
               kernels: Optional[Kernels] = None) -> np.ndarray:
     """``decode(encode(f16, fmt), fmt)``: what a row looks like after a trip through rest."""
     return decode(encode(f16, fmt, kernels=kernels), fmt, out=out, kernels=kernels)
-
-
-def _check_span(span_bytes: int, n_rows: int, n_cells: int, el_size: int, a: int, b: int) -> None:
-    if min(n_rows, n_cells, el_size) < 0 or not 0 <= a <= b <= n_cells:
-        raise ValueError(f"bad cell range [{a}, {b}) of {n_cells} cells")
-    if span_bytes != n_rows * n_cells * el_size:
-        raise ValueError(f"span holds {span_bytes} bytes, {n_rows} x {n_cells} x {el_size} expected")
-
-
-def gather_cells(span: Buffer, n_rows: int, n_cells: int, el_size: int, a: int, b: int,
-                 out: Optional[Buffer] = None, kernels: Optional[Kernels] = None) -> np.ndarray:
-    """Cells ``[a, b)`` of a transposed-V span, as one contiguous buffer.
-
-    The span holds ``n_rows`` (= n_embd_v_gqa) rows of ``n_cells`` elements of ``el_size``
-    bytes; the result holds the same rows, each cut to ``b - a`` cells (uint8,
-    ``n_rows * (b - a) * el_size`` bytes).
-    """
-    src = _as_u8(span, "span")
-    _check_span(src.nbytes, n_rows, n_cells, el_size, a, b)
-    dst = _out(out, n_rows * (b - a) * el_size, np.uint8, "out")
-    (kernels or _ACTIVE).gather(src, n_rows, n_cells, el_size, a, b, dst)
-    return dst
-
-
-def scatter_cells(src: Buffer, span: Buffer, n_rows: int, n_cells: int, el_size: int, a: int,
-                  b: int, kernels: Optional[Kernels] = None) -> None:
-    """Write ``src`` (laid out as :func:`gather_cells` returns it) into cells ``[a, b)`` of
-    the writable transposed-V ``span``."""
-    dst = _as_u8(span, "span")
-    if not dst.flags.writeable:
-        raise ValueError("span is read-only")
-    _check_span(dst.nbytes, n_rows, n_cells, el_size, a, b)
-    s = _as_u8(src, "src")
-    if s.nbytes != n_rows * (b - a) * el_size:
-        raise ValueError(f"src holds {s.nbytes} bytes, {n_rows * (b - a) * el_size} expected")
-    (kernels or _ACTIVE).scatter(s, n_rows, n_cells, el_size, a, b, dst)

@@ -43,18 +43,18 @@ import diskcache
 import numpy as np
 import xxhash
 
-from . import state as seqstate
-from . import pieces as seqpieces
-from .blocks import (BlockPayload, Record, Tail, blocks_digest, chain_keys, decode_block,
+from .._format import seqstate
+from .._format import pieces as seqpieces
+from .records import (BlockPayload, Record, Tail, blocks_digest, chain_keys, decode_block,
                      decode_tail, encode_tail, open_block, seal_block)
 from .atrest import from_rest, to_rest
-from .diskio import (DB_NAME, Arena, SafeDisk, StoreLock, check_database, claim,
+from .files import (DB_NAME, Arena, SafeDisk, StoreLock, check_database, claim,
                      database_damage, move_aside)
-from .errors import CorruptEntry, FingerprintMismatch, StoreBusy
-from .laid import LaidState
-from .recindex import RecordIndex
-from .settings import compute
-from .snapshot import Parts, Snapshot, check_state
+from ..errors import CorruptEntry, FingerprintMismatch, StoreBusy
+from .._format.image import RestoreImage
+from .index import RecordIndex
+from .._llama.settings import compute
+from .._format.snapshot import StoredPieces, Snapshot, check_state
 
 __all__ = ["DiskStore", "NoDisk", "agent_key", "file_identity"]
 
@@ -91,7 +91,7 @@ def mismatch(agent_id: str, r: Record) -> str:
     return f"agent {agent_id!r} was saved by another model or context configuration"
 
 
-def _go_on() -> None:
+def _never_pause() -> None:
     """The ``pause`` of a save nobody needs to interrupt."""
 
 
@@ -386,12 +386,12 @@ class DiskStore:
         """Split a snapshot: (chain, shape, first, blocks [(key, payload)] per cache, tail
         pieces). ``whole_only``: None unless the state is whole blocks only."""
         B = self.block_tokens
-        if isinstance(snap.state, LaidState):  # split as its compact form, from its views
+        if isinstance(snap.state, RestoreImage):  # split as its compact form, from its views
             parsed = snap.state.parsed
-            shape, pieces = snap.state.split_parts(B)
+            shape, pieces = snap.state.split_views(B)
         else:
             parsed = seqstate.parse(snap.state)
-            shape, pieces = seqpieces.split_parts(snap.state, B, parsed)
+            shape, pieces = seqpieces.split_views(snap.state, B, parsed)
         chain = chain_keys(fingerprint, snap.tokens, B)
         splittable = [sum(s is not None for s in c.streams) == 1 for c in parsed.caches]
         first: List[int] = [0] * len(parsed.caches)
@@ -405,7 +405,7 @@ class DiskStore:
             if whole:
                 if not blocks[p.cache]:
                     first[p.cache] = j
-                parts = p.parts if not self.at_rest else [to_rest(shape, p.piece(), self.at_rest).data]
+                parts = p.views if not self.at_rest else [to_rest(shape, p.piece(), self.at_rest).data]
                 block = seal_block(p.cache, p.stream, p.pos0, p.count, p.cells_len, parts,
                                    chain[j], fingerprint, self.at_rest)
                 blocks[p.cache].append(("blk/" + block.key, block))
@@ -463,7 +463,7 @@ class DiskStore:
         manifest's (generation, save id); ``sink`` receives every payload the manifest names
         (key -> buffer), for the shared tier.
         """
-        pause = pause or _go_on
+        pause = pause or _never_pause
         self._check_home()
         chain, shape, first, blocks, rest = self._blocks_of(snap, fingerprint, False, pause)
         digest = blocks_digest(first, [[k for k, _ in bs] for bs in blocks])
@@ -511,7 +511,7 @@ class DiskStore:
                 sink: Optional[Dict[str, Any]] = None) -> Tuple[Optional[Record], int]:
         """Store a shared prefix (whole blocks only, SWA window included); its record (None
         if not stored) and the bytes written. ``sink`` as in :meth:`put`."""
-        pause = pause or _go_on
+        pause = pause or _never_pause
         self._check_home()
         split = self._blocks_of(snap, fingerprint, whole_only=True, pause=pause)
         if split is None or not split[0]:
@@ -775,7 +775,7 @@ class DiskStore:
                    for p in tail.pieces]
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(key)
-        return (Snapshot(tail.tokens, Parts(tail.shape, tuple(pieces)), tail.logits, r.exact,
+        return (Snapshot(tail.tokens, StoredPieces(tail.shape, tuple(pieces)), tail.logits, r.exact,
                          (r.gen, r.sid)), nread + len(tail_raw))
 
     def _touch(self, key: str) -> None:
@@ -864,7 +864,7 @@ class DiskStore:
         pieces, nread = self._load_blocks(r, shape, fingerprint, chain, j, need, into, overlay)
         pieces.sort(key=lambda p: (p.cache, p.stream, p.pos0))
         self._touch(_record_key(r))
-        return (Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), Parts(shape, tuple(pieces)),
+        return (Snapshot(np.asarray(tokens[:C], dtype=np.int32).copy(), StoredPieces(shape, tuple(pieces)),
                          None, min(C, r.exact)), nread,
                 ("shared:" if overlay is not None else "") + _record_key(r))
 

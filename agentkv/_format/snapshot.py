@@ -13,18 +13,18 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from . import state as seqstate
+from . import seqstate
 from . import pieces as seqpieces
-from .errors import CorruptEntry
-from .laid import LaidState
+from ..errors import CorruptEntry
+from .image import RestoreImage
 
-__all__ = ["Snapshot", "Parts", "check_state"]
+__all__ = ["Snapshot", "StoredPieces", "check_state"]
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 
 @dataclass(frozen=True)
-class Parts:
+class StoredPieces:
     """A state as read from disk: its shape and its pieces in position order, checked and
     not yet assembled (the engine assembles it in the layout it restores)."""
 
@@ -42,8 +42,8 @@ class Snapshot:
 
     Attributes:
         tokens: int32 token ids, ``tokens[i]`` sits at position ``i``.
-        state: the blob from ``llama_state_seq_get_data`` (any buffer), its :class:`Parts`
-            (read from disk), or a :class:`~agentkv.laid.LaidState` (held in RAM, laid out
+        state: the blob from ``llama_state_seq_get_data`` (any buffer), its :class:`StoredPieces`
+            (read from disk), or a :class:`~agentkv._format.image.RestoreImage` (held in RAM, laid out
             for the restore; ``nbytes`` counts the RAM it owns).
         logits: float32 logits after the last token, when the context had them; a restore
             that carries them lets the next turn sample at once instead of replaying a token.
@@ -55,7 +55,7 @@ class Snapshot:
     """
 
     tokens: np.ndarray
-    state: Union[Buffer, Parts, LaidState]
+    state: Union[Buffer, StoredPieces, RestoreImage]
     logits: Optional[np.ndarray] = None
     exact: int = 0
     version: Tuple[int, str] = (0, "")
@@ -68,7 +68,7 @@ class Snapshot:
     def nbytes(self) -> int:
         extra = 0 if self.logits is None else int(self.logits.nbytes)
         state = self.state
-        state = state.nbytes if isinstance(state, (Parts, LaidState)) else memoryview(state).nbytes
+        state = state.nbytes if isinstance(state, (StoredPieces, RestoreImage)) else memoryview(state).nbytes
         return int(self.tokens.nbytes) + state + extra
 
 

@@ -7,7 +7,7 @@ import queue
 import threading
 from typing import Callable, Dict, Optional, Tuple
 
-from .snapshot import Snapshot
+from .._format.snapshot import Snapshot
 
 __all__ = ["WriteBehind"]
 

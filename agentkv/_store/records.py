@@ -3,7 +3,7 @@
 An agent's KV is stored as immutable blocks plus a small tail:
 
 - a **block** is one cache's cells for ``block_tokens`` positions ``j*B .. (j+1)*B-1``
-  (a :class:`~agentkv.pieces.Piece`), named by the xxh3-128 digest of its payload, so equal
+  (a :class:`~agentkv._format.pieces.Piece`), named by the xxh3-128 digest of its payload, so equal
   bytes are stored once whoever wrote them;
 - its **chain key** ``key(j) = xxh3_128(key(j-1) | tokens of block j)``, with
   ``key(-1) = fingerprint``, names the token prefix it belongs to: two blocks have the same
@@ -26,7 +26,7 @@ Payloads (little-endian), each followed by 16 bytes of xxh3-128 of everything be
             | n_pieces x (u8 cache u8 stream u16 0 u32 pos0 u32 count u32 cells_len u64 len)
             | piece data ...
 
-The at-rest format (0: exact, else agentkv.atrest's code of a quantized row format) is in every
+The at-rest format (0: exact, else agentkv._store.atrest's code of a quantized row format) is in every
 payload's header and must be the one the reader expects. Nothing here unpickles; every length
 is checked before use (CorruptEntry otherwise).
 """
@@ -43,10 +43,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import xxhash
 
-from .errors import CorruptEntry, FingerprintMismatch
-from .pieces import FilePiece, Piece, Shape
+from ..errors import CorruptEntry, FingerprintMismatch
+from .._format.pieces import FilePiece, Piece, Shape
 
-__all__ = ["chain_keys", "BlockPayload", "seal_block", "encode_block", "decode_block",
+__all__ = ["chain_keys", "BlockPayload", "seal_block", "decode_block",
            "open_block", "Tail", "encode_tail", "decode_tail", "Record", "blocks_digest"]
 
 _DIGEST = 16
@@ -142,13 +142,6 @@ def seal_block(cache: int, stream: int, pos0: int, count: int, cells_len: int,
     return BlockPayload([header, *views])
 
 
-def encode_block(piece: Piece, chain: bytes, fingerprint: bytes, rest: int = 0) -> Tuple[bytes, str]:
-    """The payload of one block and its content key."""
-    block = seal_block(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len,
-                       [piece.data], chain, fingerprint, rest)
-    return bytes(block), block.key
-
-
 def decode_block(payload: Any, fingerprint: bytes, key: Optional[str], chain: bytes, cache: int,
                  pos0: int, count: int, rest: int = 0) -> Piece:
     """Check a block against everything its reader expects; return its piece."""
@@ -175,7 +168,7 @@ def _block_fields(view: Any, size: int, fingerprint: bytes, key: Optional[str], 
 
 def open_block(f: Any, fingerprint: bytes, key: str, chain: bytes, cache: int, pos0: int,
                count: int, rest: int = 0) -> FilePiece:
-    """A stored block, still in its open file ``f``, as a :class:`~agentkv.pieces.FilePiece`:
+    """A stored block, still in its open file ``f``, as a :class:`~agentkv._format.pieces.FilePiece`:
     its header is checked now, its digest once assembly has read its bytes into place."""
     fd = f.fileno()
     if hasattr(os, "posix_fadvise"):  # a restore opens all its blocks first: from a cold disk

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
-from .snapshot import Snapshot
+from .._format.snapshot import Snapshot
 
 __all__ = ["RamTier"]
 

@@ -28,7 +28,7 @@ import numpy as np
 
 import llama_cpp
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["NgramDraft", "draft_config", "greedy_refusal", "drafted_generate", "lookup_start"]
 

@@ -7,7 +7,7 @@ rows, then each V layer's rows (a transposed V layer contributes its ``n_embd`` 
 for the range, one after another). Cutting a stream into pieces and concatenating them back
 in order restores the blob byte for byte; nothing else is in the format.
 
-The format itself (parsing, checking, padding a blob) is :mod:`agentkv.state`; this module
+The format itself (parsing, checking, padding a blob) is :mod:`agentkv._format.seqstate`; this module
 only cuts along its cells and puts the cuts back together, which is what the disk store keeps.
 """
 
@@ -20,11 +20,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import CorruptEntry
-from .state import CELL_DTYPE, MAX_STREAMS, SEQ_MAGIC, SeqState, StreamSection, parse
+from ..errors import CorruptEntry
+from .seqstate import (CELL_BYTES, CELL_DTYPE, LAYER_HEADER_BYTES, MAX_STREAMS, SEQ_MAGIC,
+                       SeqState, StreamSection, parse)
 
-__all__ = ["StreamShape", "Shape", "Piece", "LazyPiece", "FilePiece", "PieceParts", "shape_of",
-           "split", "split_parts", "assemble", "piece_regions"]
+__all__ = ["StreamShape", "Shape", "Piece", "LazyPiece", "FilePiece", "PieceViews", "shape_of",
+           "split_views", "assemble", "piece_regions"]
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def _cuts(st: StreamSection, block_tokens: int, a0: int = 0) -> List[int]:
 def _cell_offsets(blob: np.ndarray, start: int, st: StreamSection, ext_size: int) -> np.ndarray:
     """Byte offset of every cell record (and one past the last), relative to ``start``."""
     if st.simple_cells:
-        return np.arange(st.cell_count + 1, dtype=np.int64) * 12
+        return np.arange(st.cell_count + 1, dtype=np.int64) * CELL_BYTES
     offs = np.empty(st.cell_count + 1, dtype=np.int64)
     off = 0
     for i in range(st.cell_count):
@@ -217,52 +218,46 @@ def _cell_offsets(blob: np.ndarray, start: int, st: StreamSection, ext_size: int
 
 
 @dataclass(frozen=True)
-class PieceParts:
-    """A :class:`Piece` not joined yet: its bytes are ``parts``, views of the blob (a
-    transposed V layer's slice is a copy), in the order a piece holds them."""
+class PieceViews:
+    """A :class:`Piece` not joined yet: its bytes are ``views`` of the blob (a transposed V
+    layer's slice is a copy), in the order a piece holds them."""
 
     cache: int
     stream: int
     pos0: int
     count: int
     cells_len: int
-    parts: Tuple[np.ndarray, ...]
+    views: Tuple[np.ndarray, ...]
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
+        return sum(v.nbytes for v in self.views)
 
     def piece(self) -> Piece:
         return Piece(self.cache, self.stream, self.pos0, self.count, self.cells_len,
-                     np.concatenate(self.parts))
+                     np.concatenate(self.views))
 
 
-def split(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
-          ext_size: int = 0) -> Tuple[Shape, List[Piece]]:
-    """Cut ``blob`` into pieces along multiples of ``block_tokens`` positions.
+def split_views(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
+                ext_size: int = 0, window_start: Optional[Dict[int, int]] = None
+                ) -> Tuple[Shape, List[PieceViews]]:
+    """Cut ``blob`` into pieces along multiples of ``block_tokens`` positions, each piece's
+    bytes left as views of the blob (no copy; :meth:`PieceViews.piece` joins them).
 
-    Returns the blob's shape and its pieces in blob order; :func:`assemble` of the two gives
-    ``blob`` back byte for byte. A piece covers a whole token block when ``pos0`` is a
-    multiple of ``block_tokens`` and ``count == block_tokens``; the first and last piece of a
-    stream may be partial. Streams that are not a simple, contiguous run stay one piece.
-    """
-    shape, parts = split_parts(blob, block_tokens, state, ext_size)
-    return shape, [p.piece() for p in parts]
+    Returns the blob's shape and its pieces in blob order; :func:`assemble` of the shape and
+    the joined pieces gives ``blob`` back byte for byte. A piece covers a whole token block
+    when ``pos0`` is a multiple of ``block_tokens`` and ``count == block_tokens``; the first
+    and last piece of a stream may be partial. Streams that are not a simple, contiguous run
+    stay one piece.
 
-
-def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
-                ext_size: int = 0, start_at: Optional[Dict[int, int]] = None
-                ) -> Tuple[Shape, List[PieceParts]]:
-    """:func:`split` without joining each piece's bytes (no copy of the blob).
-
-    ``start_at`` maps a cache index to the first position to keep of its (one, simple,
-    contiguous) stream: the pieces are then those of the blob :func:`set_front` would give
+    ``window_start`` maps a cache index to the first position to keep of its (one, simple,
+    contiguous) stream: the pieces are then those of the blob :func:`set_window_start` would give
     with that position (a laid-out state split as its compact form, see laid.py).
     """
     src = np.frombuffer(blob, dtype=np.uint8)
     if state is None:
         state = parse(src, ext_size)
-    pieces: List[PieceParts] = []
+    pieces: List[PieceViews] = []
     for ci, cache in enumerate(state.caches):
         # Stream sections are contiguous in the blob: the cells start 4 bytes after the
         # stream's cell_count, which follows the cache's n_stream (and earlier streams).
@@ -275,11 +270,11 @@ def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
             cells_start = off
             spans = st.k + st.v
             a0 = 0
-            if start_at and ci in start_at:
+            if window_start and ci in window_start:
                 if not st.simple_cells or not st.is_contiguous \
-                        or not st.pos_min <= start_at[ci] <= st.pos_max:
-                    raise ValueError(f"cache {ci} cannot start at position {start_at[ci]}")
-                a0 = start_at[ci] - st.pos_min
+                        or not st.pos_min <= window_start[ci] <= st.pos_max:
+                    raise ValueError(f"cache {ci} cannot start at position {window_start[ci]}")
+                a0 = window_start[ci] - st.pos_min
             for a, b in zip((cuts := _cuts(st, block_tokens, a0))[:-1], cuts[1:]):
                 parts = [src[cells_start + offs[a]: cells_start + offs[b]]]
                 for sp in spans:
@@ -288,7 +283,7 @@ def split_parts(blob: Any, block_tokens: int, state: Optional[SeqState] = None,
                     else:
                         rows = src[sp.start:sp.end].reshape(sp.n_embd, st.cell_count * sp.el_size)
                         parts.append(rows[:, a * sp.el_size: b * sp.el_size].reshape(-1))
-                pieces.append(PieceParts(ci, si, int(st.pos[a]), b - a, int(offs[b] - offs[a]),
+                pieces.append(PieceViews(ci, si, int(st.pos[a]), b - a, int(offs[b] - offs[a]),
                                          tuple(parts)))
             off = (spans[-1].end if spans else cells_start + int(offs[-1]))
     return shape_of(state), pieces
@@ -308,7 +303,7 @@ def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int,
     count = first.pos0 - new_pos_min
     if count <= 0:
         return None
-    if first.cells_len != 12 * first.count:
+    if first.cells_len != CELL_BYTES * first.count:
         raise ValueError("only streams of simple cells can be padded")
     seq = seq_id if isinstance(first, LazyPiece) else \
         int(np.frombuffer(first.data, dtype=CELL_DTYPE, count=1)["seq_id"][0])
@@ -316,17 +311,17 @@ def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int,
     cells["pos"] = np.arange(new_pos_min, first.pos0, dtype=np.int32)
     cells["n_seq_id"] = 1
     cells["seq_id"] = seq
-    return _Pad(cache, stream, new_pos_min, count, 12 * count, cells.view(np.uint8))
+    return _Pad(cache, stream, new_pos_min, count, CELL_BYTES * count, cells.view(np.uint8))
 
 
 def assemble(shape: Shape, pieces: Sequence[Piece],
-             front: Optional[Dict[int, int]] = None,
+             window_start: Optional[Dict[int, int]] = None,
              out: Optional[Callable[[int], np.ndarray]] = None,
              written: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
     """The blob made of ``shape`` and ``pieces`` (each stream's pieces in position order).
 
-    ``front`` maps a cache index to a first position: that cache's stream gets masked,
-    zero-filled cells in front of its pieces down to it (what :func:`set_front` does to a
+    ``window_start`` maps a cache index to a first position: that cache's stream gets masked,
+    zero-filled cells in front of its pieces down to it (what :func:`set_window_start` does to a
     blob, without a second copy). ``out(nbytes)``, when given, supplies the buffer to
     assemble into; it must be zeros wherever padding goes. ``written`` collects the byte
     ranges the assembly wrote (padding aside). Raises CorruptEntry when the pieces do not
@@ -342,7 +337,7 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
             raise CorruptEntry(f"piece of {p.count} cells has {p.nbytes} bytes; its stream's "
                                "shape wants another size")
         by_stream.setdefault((p.cache, p.stream), []).append(p)
-    for ci, new_pos_min in (front or {}).items():
+    for ci, new_pos_min in (window_start or {}).items():
         keys = [k for k in by_stream if k[0] == ci]
         if len(keys) != 1:
             raise ValueError(f"cache {ci} has {len(keys)} streams with cells; cannot pad it")
@@ -360,7 +355,7 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
             total += 4
             ps = by_stream.get((ci, si), [])
             if sh is not None and ps:
-                total += 8 + 12 * len(sh.k) + 12 * len(sh.v) + sum(size(p, sh) for p in ps)
+                total += 8 + LAYER_HEADER_BYTES * (len(sh.k) + len(sh.v)) + sum(size(p, sh) for p in ps)
     padded = any(isinstance(p, _Pad) for ps in by_stream.values() for p in ps)
     if out is not None:
         buf = out(total)

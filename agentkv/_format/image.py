@@ -3,15 +3,15 @@
 An exact restore of an SWA model loads the never-evicted layout (state.py): in its SWA cache,
 masked zero cells in front of the window. At 4,000 tokens that layout is ~3.5x the bytes of
 the snapshot (74 MB against 21 MB for Gemma 3 270M), and building it at restore time is a copy
-inside the returning agent's time to first token. :func:`lay_out` builds it once, when the
+inside the returning agent's time to first token. :func:`build_image` builds it once, when the
 snapshot is taken, in a private anonymous mapping: the bytes that are data are copied in (the
 same copy a compact snapshot makes), and the page-aligned insides of the zero runs are
 populated read-only with the kernel's shared zero page (``MADV_POPULATE_READ``). Those pages
 cost no RAM, do not count in RSS, and take no page fault when llama.cpp reads them; huge pages
 are refused for the mapping (a huge page would make the padding resident).
 
-What such a snapshot owns is :attr:`LaidState.nbytes`, the data pages: about the compact size.
-Where the kernel lacks ``MADV_POPULATE_READ`` (before Linux 5.14, or not Linux) :func:`lay_out`
+What such a snapshot owns is :attr:`RestoreImage.nbytes`, the data pages: about the compact size.
+Where the kernel lacks ``MADV_POPULATE_READ`` (before Linux 5.14, or not Linux) :func:`build_image`
 returns None and the caller keeps the compact snapshot.
 """
 
@@ -25,10 +25,10 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from . import state as seqstate
+from . import seqstate
 from . import pieces as seqpieces
 
-__all__ = ["LaidState", "lay_out"]
+__all__ = ["RestoreImage", "build_image"]
 
 log = logging.getLogger(__name__)
 
@@ -37,49 +37,49 @@ _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 _supported: Optional[bool] = None  # learnt from the first attempt
 
 
-class LaidState:
+class RestoreImage:
     """A sequence-state blob laid out as a never-evicted context holds it.
 
     ``buf`` is what ``llama_state_seq_set_data`` loads (the SWA cache ``cache`` holds cells
-    ``0..n-1``, those below ``floor`` masked zeros); ``parsed`` is its parse. Its compact form
-    (``set_front(buf, parsed, cache, floor)``) is what the store splits into blocks.
+    ``0..n-1``, those below ``window_start`` masked zeros); ``parsed`` is its parse. Its compact form
+    (``set_window_start(buf, parsed, cache, window_start)``) is what the store splits into blocks.
     """
 
-    __slots__ = ("buf", "parsed", "cache", "floor", "nbytes")
+    __slots__ = ("buf", "parsed", "cache", "window_start", "nbytes")
 
-    def __init__(self, buf: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int,
+    def __init__(self, buf: np.ndarray, parsed: seqstate.SeqState, cache: int, window_start: int,
                  nbytes: int) -> None:
         self.buf = buf
         self.parsed = parsed
         self.cache = cache
-        self.floor = floor
+        self.window_start = window_start
         self.nbytes = nbytes  # bytes of RAM it owns: its data pages, not the zero pages
 
-    def split_parts(self, block_tokens: int):
-        """:func:`pieces.split_parts` of the compact form, without making it (views of ``buf``)."""
-        return seqpieces.split_parts(self.buf, block_tokens, self.parsed,
-                                    start_at={self.cache: self.floor})
+    def split_views(self, block_tokens: int):
+        """:func:`pieces.split_views` of the compact form, without making it (views of ``buf``)."""
+        return seqpieces.split_views(self.buf, block_tokens, self.parsed,
+                                    window_start={self.cache: self.window_start})
 
 
-def _zero_runs(parsed: seqstate.SeqState, cache: int, floor: int) -> List[Tuple[int, int]]:
-    """Byte ranges of the rows of the SWA cells below ``floor`` (cells 0..floor-1)."""
+def _zero_runs(parsed: seqstate.SeqState, cache: int, window_start: int) -> List[Tuple[int, int]]:
+    """Byte ranges of the rows of the SWA cells below ``window_start`` (cells 0..window_start-1)."""
     st = parsed.caches[cache].only_stream()
     assert st is not None
     runs: List[Tuple[int, int]] = []
     for sp in st.k + st.v:
         if sp.el_size == 0:
-            runs.append((sp.start, sp.start + floor * sp.row_size))
+            runs.append((sp.start, sp.start + window_start * sp.row_size))
         else:  # transposed V: one run per embedding row
             row = st.cell_count * sp.el_size
-            runs.extend((sp.start + r * row, sp.start + r * row + floor * sp.el_size)
+            runs.extend((sp.start + r * row, sp.start + r * row + window_start * sp.el_size)
                         for r in range(sp.n_embd))
     return [(a, b) for a, b in runs if b > a]
 
 
-def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int,
-            seq_id: int) -> Optional[LaidState]:
+def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window_start: int,
+            seq_id: int) -> Optional[RestoreImage]:
     """The never-evicted layout of a whole-context dump whose SWA cache ``cache`` holds cells
-    ``0..n-1``, with the cells below ``floor`` zeroed and the header naming ``seq_id``.
+    ``0..n-1``, with the cells below ``window_start`` zeroed and the header naming ``seq_id``.
 
     Returns None where the kernel cannot back the padding with the zero page.
     """
@@ -88,8 +88,8 @@ def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int
         return None
     st = parsed.caches[cache].only_stream()
     if st is None or not st.simple_cells or not st.is_contiguous or st.pos_min != 0 \
-            or not 0 < floor <= st.pos_max:
-        raise ValueError("lay_out needs an SWA stream of simple cells from position 0")
+            or not 0 < window_start <= st.pos_max:
+        raise ValueError("build_image needs an SWA stream of simple cells from position 0")
     size = int(whole.nbytes)
     page = mmap.PAGESIZE
     try:
@@ -97,7 +97,7 @@ def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int
     except OSError as exc:  # out of address space or commit charge: this snapshot stays compact
         log.debug("no mapping for a laid-out snapshot (%s); keeping it compact", exc)
         return None
-    runs = _zero_runs(parsed, cache, floor)
+    runs = _zero_runs(parsed, cache, window_start)
     zero = 0
     try:
         mm.madvise(_MADV_NOHUGEPAGE)
@@ -125,5 +125,5 @@ def lay_out(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, floor: int
     buf[at:] = src[at:]
     buf[4:8] = np.frombuffer(np.int32(seq_id).tobytes(), np.uint8)
     # the same layout byte for byte but the header's seq id: the dump's parse describes it
-    return LaidState(buf, dataclasses.replace(parsed, seq_id=seq_id), cache, floor,
+    return RestoreImage(buf, dataclasses.replace(parsed, seq_id=seq_id), cache, window_start,
                      -(-size // page) * page - zero)
