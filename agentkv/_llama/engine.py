@@ -294,19 +294,19 @@ class Engine:
         last = len(shape.caches) - 1
         swa = [p for p in pieces if p.cache == last] if self.n_swa > 0 and last > 0 else []
         window_start = min((p.pos0 for p in swa), default=0)
-        window_start = None
+        pad_to = None
         if (n > 0 and window_start > 0 and self.swa_full and len({p.stream for p in swa}) == 1
                 and all(p.cells_len == seqstate.CELL_BYTES * p.count for p in swa)):
-            window_start = {last: 0}
+            pad_to = {last: 0}
         try:
-            blob = seqpieces.assemble(shape, pieces, window_start, out=self._assembly_buffer,
+            blob = seqpieces.assemble(shape, pieces, pad_to, out=self._assembly_buffer,
                                      written=self._asm_dirty)
         except CorruptEntry:
             raise  # keeps the key of the damaged payload
         except ValueError as exc:
             raise CorruptEntry(f"stored pieces do not assemble: {exc}") from exc
         parsed = check_state(blob, n)
-        if window_start is not None:
+        if pad_to is not None:
             stream = parsed.caches[last].only_stream()
             if stream is None or not stream.is_contiguous or stream.pos_min != 0:
                 raise CorruptEntry("stored SWA cells are not one contiguous run")
