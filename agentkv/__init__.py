@@ -6,18 +6,19 @@
 """
 
 from ._version import __version__
-from .config import MemoryConfig, parse_size
+from .config import MemoryConfig, SharedTier, parse_size
 from .errors import (AgentKVError, ConfigError, CorruptEntry, FingerprintMismatch, InvalidAgentId,
                      MemoryClosed, NotACache, NotALlama, RestoreFailed, StoreBusy, TurnInProgress,
                      UnknownAgent, UnsupportedLlamaCpp)
 from ._llama.draft import NgramDraft
+from ._memory.inspection import Inspection
 from .memory import AgentMemory
-from ._store.shared import SharedTier
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
 
 __all__ = [
     "AgentMemory",
+    "Inspection",
     "AgentInfo",
     "MemoryStats",
     "TurnRecord",

@@ -59,7 +59,8 @@ def _store(path: str, at_rest: int = 0) -> DiskStore:
 
 def _tier(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The shared tier named by --shared (and --namespace)."""
-    from ._store.shared import RedisTier, SharedTier
+    from .config import SharedTier
+    from ._store.shared import RedisTier
     try:
         return RedisTier(SharedTier(args.shared, namespace=args.namespace, timeout=10.0), b"")
     except AgentKVError as exc:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 from .errors import ConfigError
 
-__all__ = ["MemoryConfig", "parse_size"]
+__all__ = ["MemoryConfig", "SharedTier", "parse_size", "shared_config"]
 
 SizeLike = Union[int, str]
 
@@ -91,3 +91,52 @@ class MemoryConfig:
             disk_budget=parse_size(disk_budget, "disk_budget"),
             block_tokens=block_tokens,
         )
+
+
+@dataclass(frozen=True)
+class SharedTier:
+    """Where and how agents' KV is shared between processes and machines.
+
+    ``AgentMemory(llm, shared="redis://host:6379/0")`` is ``shared=SharedTier("redis://...")``.
+
+    Attributes:
+        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL, as redis-py reads it.
+        namespace: prefix of every key; default ``agentkv:<hash of fingerprint and salt>``.
+        salt: tenants with different salts never share a key (nor a block).
+        timeout: seconds a connect or a read may take before the call fails (bounded wait).
+        ttl: seconds before a manifest or payload expires (refreshed when published again),
+            or None (default) to leave eviction to the server's ``maxmemory-policy``.
+        lease: seconds a turn's lease lasts if its worker dies before publishing.
+        wait: seconds a turn waits for another worker's turn of the same agent to publish.
+    """
+
+    url: str
+    namespace: Optional[str] = None
+    salt: Optional[str] = None
+    timeout: float = 1.0
+    ttl: Optional[int] = None
+    lease: float = 60.0
+    wait: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or "://" not in self.url:
+            raise ConfigError(f"shared must be a redis:// URL or a SharedTier, not {self.url!r}")
+        for name in ("namespace", "salt"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v or len(v) > 200):
+                raise ConfigError(f"{name} must be a non-empty string of at most 200 characters")
+        for name in ("timeout", "lease", "wait"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 86400 * 30:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {v!r}")
+        if self.ttl is not None and (isinstance(self.ttl, bool) or not isinstance(self.ttl, int)
+                                     or self.ttl <= 0):
+            raise ConfigError(f"ttl must be None or a positive int of seconds, not {self.ttl!r}")
+
+
+def shared_config(value: Any) -> Optional[SharedTier]:
+    if value is None or isinstance(value, SharedTier):
+        return value
+    if isinstance(value, str):
+        return SharedTier(value)
+    raise ConfigError(f"shared must be None, a redis:// URL or a SharedTier, not {value!r}")

@@ -81,7 +81,7 @@ def main() -> None:
             log(f"[density] agent {i}: {len(prompt)} prompt tokens")
             mem.create_completion(f"agent{i}", prompt, max_tokens=4, temperature=0)
             seq_states.append(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
-            snapshots.append(mem._engine.snapshot().nbytes)
+            snapshots.append(mem.inspect().live_state_bytes())
             log(f"[density]   source={mem.last_turn.source} evaluated={mem.last_turn.prompt_tokens_evaluated}")
         mem.flush()
         disk = mem.stats().disk_bytes
@@ -91,7 +91,7 @@ def main() -> None:
             "whole_snapshots": sum(snapshots),
             "ratio_vs_seq_states": sum(seq_states) / disk,
             "ratio_vs_snapshots": sum(snapshots) / disk,
-            "cuts": [c.n_tokens for c in mem._store.cuts()],
+            "cuts": [c.n_tokens for c in mem.inspect().cuts()],
         }
 
         # 2. a fifth agent ---------------------------------------------------------------
@@ -129,17 +129,17 @@ def main() -> None:
         log("[saves] building a 4,000-token agent")
         mem.create_completion("long", tokens, max_tokens=1, temperature=0)
         mem.flush()
-        shape = mem._store.manifest("long").shape
+        shape = mem.inspect().record("long").shape
         per_token = sum(12 + sum(r for _, r in s["k"]) + sum(r for _, r in s["v"])
                         for c in shape["caches"] for s in c if s)
         more = llm.tokenize(words("turn", 600).encode(), add_bos=False)
         saves = []
-        history = list(mem._engine.tokens())
+        history = list(mem.inspect().live()[1])
         for t in range(6):
             history = history + more[t * 100:(t + 1) * 100]
             before = mem.stats().bytes_written
             mem.create_completion("long", history, max_tokens=1, temperature=0)
-            history = list(mem._engine.tokens())
+            history = list(mem.inspect().live()[1])
             mem.flush()
             written = mem.stats().bytes_written - before
             saves.append(written)

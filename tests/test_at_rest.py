@@ -82,9 +82,9 @@ def test_restore_decodes_in_place_to_the_same_state(llm, tmp_path):
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0, at_rest="q4_0") as mem:
         mem.create_completion("a", PROMPT, max_tokens=1, temperature=0)
         mem.flush()
-        plain, _ = mem._store.get("a", mem._fingerprint)
+        plain = mem.inspect().stored("a")
         want = bytes(seqpieces.assemble(plain.state.shape, plain.state.pieces))
-        lazy, _ = mem._store.get("a", mem._fingerprint, scratch=True)
+        lazy = mem.inspect().stored("a", in_place=True)
         assert any(isinstance(p, RestPiece) for p in lazy.state.pieces)
         assert not any(isinstance(p, RestPiece) for p in plain.state.pieces)
         assert bytes(seqpieces.assemble(lazy.state.shape, lazy.state.pieces)) == want

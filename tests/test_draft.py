@@ -7,7 +7,7 @@ import pytest
 import xxhash
 
 from agentkv import AgentMemory, ConfigError, NgramDraft
-from agentkv._llama.draft import _Pace, greedy_refusal, lookup_start
+from agentkv._llama.draft import DraftPace, greedy_refusal, lookup_start
 from conftest import SYSTEM, chat_chain, last_logits, new_process_step
 
 # A turn that copies from its context: the planner is asked to repeat its rules.
@@ -29,7 +29,7 @@ def test_lookup_finds_the_latest_occurrence_of_the_longest_suffix():
 
 
 def test_a_periodic_copy_drafts_past_the_present():
-    pace = _Pace(NgramDraft(min_ngram=2, start_len=8, max_len=8))
+    pace = DraftPace(NgramDraft(min_ngram=2, start_len=8, max_len=8))
     h = np.array([9, 4, 5, 4, 5, 4, 5], dtype=np.int32)
     draft = pace.propose(h, room=100)
     assert draft.tolist() == [4, 5, 4, 5, 4, 5, 4, 5]
@@ -38,7 +38,7 @@ def test_a_periodic_copy_drafts_past_the_present():
 
 def test_pace_pauses_after_checks_that_do_not_pay_and_recovers():
     cfg = NgramDraft(min_ngram=2)
-    pace = _Pace(cfg)
+    pace = DraftPace(cfg)
     h = np.array([1, 2, 3, 1, 2], dtype=np.int32)
     assert pace.propose(h, 100).size > 0
     pace.moved(h, 4, 0)  # nothing kept: pause 1, then 2, then 4

@@ -7,7 +7,6 @@ import pytest
 import xxhash
 
 from agentkv import AgentMemory
-from agentkv._format.image import RestoreImage
 from conftest import QUESTIONS, chat_chain, last_logits, new_process_step, plain_step
 
 
@@ -30,7 +29,7 @@ def test_exact_through_ram(llm, tmp_path, laid):
             mem.create_completion("critic", next(other), max_tokens=4, temperature=0)
             step.logits = logits
             # held in RAM laid out for the restore (its padding on the zero page)
-            step.laid += isinstance(mem._ram.peek("planner").state, RestoreImage)
+            step.laid += mem.inspect().ram_layout("planner") == "image"
             return out
 
         step.laid = 0
@@ -180,7 +179,7 @@ def test_assembly_buffer_reads_as_zeros_after_every_turn(llm, tmp_path):
                 for agent in ("a", "b"):
                     mem.create_completion(agent, long + f" {agent}{turn}", max_tokens=2,
                                           temperature=0)
-                    asm = mem._engine._asm
-                    assert asm.nbytes > 0 or turn == 0
-                    assert not asm.any()
+                    nbytes, zeroed = mem.inspect().restore_buffer()
+                    assert nbytes > 0 or turn == 0
+                    assert zeroed
             assert mem.stats().hits["ram" if budget else "disk"] >= 4

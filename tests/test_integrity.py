@@ -30,7 +30,7 @@ def save_two_agents(llm, cache_dir, part="tail"):
     with AgentMemory(llm, cache_dir=cache_dir, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT_A, max_tokens=1, temperature=0)
         mem.create_completion("b", PROMPT_B, max_tokens=1, temperature=0)
-        record = mem._store.manifest("a")
+        record = mem.inspect().record("a")
     return record.tail if part == "tail" else record.blocks[-1][0]
 
 
@@ -81,7 +81,7 @@ def test_payload_swapped_between_agents_is_refused(llm, tmp_path):
     """A payload moved under another key fails the content-address check."""
     key_a = save_two_agents(llm, tmp_path)
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        key_b = mem._store.manifest("b").tail
+        key_b = mem.inspect().record("b").tail
     shutil.copyfile(payload_file_of(tmp_path, key_b), payload_file_of(tmp_path, key_a))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT_A, max_tokens=1, temperature=0)
@@ -236,4 +236,4 @@ def test_gc_removes_files_a_killed_writer_left_and_keeps_every_agent(llm, tmp_pa
             mem.create_completion(agent, prompt, max_tokens=1, temperature=0)
             assert mem.last_turn.source == "disk"
         assert mem.stats().rejected == 0
-        assert mem._store.sweep() == 0
+        assert mem.inspect().garbage()[1] == 0

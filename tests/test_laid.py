@@ -12,7 +12,8 @@ from agentkv._format import pieces as seqpieces
 from blobgen import joined
 from agentkv._llama.engine import Engine
 from agentkv._format import image as imagemod
-from agentkv._format.image import RestoreImage, _zero_runs
+from agentkv._format.image import RestoreImage, zero_runs
+from agentkv._format import layout
 from conftest import make_llm
 
 PROMPT = "Layout food: " + " ".join(f"a pebble numbered {i} rolls downhill." for i in range(180))
@@ -25,12 +26,12 @@ def snaps(request):
         llm.create_completion(PROMPT, max_tokens=1, temperature=0)
         engine = Engine(llm)
         engine.block_tokens = 64
-        laid, compact = engine.snapshot(laid=True), engine.snapshot()
-        whole = engine._state(-1).copy()
+        laid, compact = engine.snapshot(image=True), engine.snapshot()
+        whole = engine.state_bytes(-1).copy()
         # what a restore of the compact snapshot loads: the never-evicted layout
-        parsed = seqstate.parse(compact.state)
-        loaded = bytes(engine._pad_image(compact.state, parsed, compact.n_tokens)[0])
-        engine._zero_dirty()
+        loaded = bytes(layout.restore_bytes(engine.model, compact.state, compact.n_tokens,
+                                            engine.buffers.image)[0])
+        engine.buffers.image.zero()
         return laid, compact, loaded, request.param, whole
     finally:
         llm.close()
@@ -76,7 +77,7 @@ def test_laid_padding_costs_no_ram(snaps):
     laid, compact, loaded, mode, _ = snaps
     st = laid.state
     page = mmap.PAGESIZE
-    runs = _zero_runs(st.parsed, st.cache, st.window_start)
+    runs = zero_runs(st.parsed, st.cache, st.window_start)
     # the zero runs are the padding cells' rows: all the layout adds but their cell records
     assert sum(b - a for a, b in runs) == len(loaded) - len(compact.state) - 12 * st.window_start
     # owned: the compact bytes, plus at most the partial pages at the ends of the zero runs
@@ -109,7 +110,7 @@ def test_lay_out_rebuilds_the_snapshot_and_falls_back_where_the_kernel_cannot(sn
     assert bytes(again.buf) == loaded
     with pytest.raises(ValueError, match="from position 0"):  # a compact state has no front
         imagemod.build_image(compact.state, seqstate.parse(compact.state), 1, laid.state.window_start, 0)
-    monkeypatch.setattr(imagemod, "_supported", None)
-    monkeypatch.setattr(imagemod, "_MADV_POPULATE_READ", 12345)  # an advice no kernel knows
+    monkeypatch.setattr(imagemod.ZERO_PAGE, "supported", None)
+    monkeypatch.setattr(imagemod.ZERO_PAGE, "advice", 12345)  # an advice no kernel knows
     assert imagemod.build_image(whole, seqstate.parse(whole), 1, laid.state.window_start, 0) is None
-    assert imagemod._supported is False  # learnt once: later snapshots stay compact at once
+    assert imagemod.ZERO_PAGE.supported is False  # learnt once: later snapshots stay compact at once

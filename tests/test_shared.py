@@ -370,7 +370,8 @@ def test_bad_shared_settings_are_named(llm, tmp_path):
 
 def test_without_the_redis_client_the_extra_is_named(tmp_path):
     code = ("import sys; sys.modules['redis'] = None\n"
-            "from agentkv._store.shared import RedisTier, SharedTier\n"
+            "from agentkv import SharedTier\n"
+            "from agentkv._store.shared import RedisTier\n"
             "from agentkv import ConfigError\n"
             "try:\n"
             "    RedisTier(SharedTier('redis://127.0.0.1:1/0'), b'')\n"

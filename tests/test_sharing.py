@@ -43,7 +43,7 @@ def test_new_agents_restore_the_shared_prefix_exactly(llm, tmp_path, first_extra
             extra = first_extra if name == NAMES[0] else ""
             out = mem.create_completion(name, prompt_of(name, extra), max_tokens=6, temperature=0)
             turns[name] = (mem.last_turn, out["choices"][0]["text"], last_logits(llm))
-        cuts = mem._store.cuts()
+        cuts = mem.inspect().cuts()
         stats = mem.stats()
     tokens = [llm.tokenize(prompt_of(n).encode()) for n in NAMES]
     shared = next(i for i, (a, b) in enumerate(zip(tokens[0], tokens[1])) if a != b)
@@ -73,22 +73,22 @@ def test_shared_blocks_are_stored_once_and_collected_last(llm, tmp_path):
         for name in NAMES:
             mem.create_completion(name, prompt_of(name), max_tokens=2, temperature=0)
         mem.flush()
-        store = mem._store
-        records = {n: store.manifest(n) for n in NAMES}
+        seen = mem.inspect()
+        records = {n: seen.record(n) for n in NAMES}
         base = [r.blocks[0][:4] for r in records.values()]
         assert all(b == base[0] for b in base)  # the shared prompt's blocks: one copy
-        whole = sum(store.get(n, mem._fingerprint)[0].nbytes for n in NAMES)
+        whole = sum(seen.stored(n).nbytes for n in NAMES)
         assert mem.stats().disk_bytes < 0.75 * whole
         own = set(records["planner"].keys()) - set().union(
             *(set(records[n].keys()) for n in NAMES[1:])) - set().union(
-            *(set(c.keys()) for c in store.cuts()))
+            *(set(c.keys()) for c in seen.cuts()))
         assert own  # the planner's tail at least
         for name in NAMES[:-1]:
             mem.forget(name)
         for key in own:
-            assert key not in store._cache  # reclaimed
+            assert not seen.holds_payload(key)  # reclaimed
         for key in records["writer"].keys():
-            assert key in store._cache  # still held by the writer
+            assert seen.holds_payload(key)  # still held by the writer
         mem.evict("writer")
         mem.create_completion("writer", prompt_of("writer", " Be brief."), max_tokens=2,
                               temperature=0)
@@ -101,7 +101,7 @@ def test_saves_write_only_new_blocks_and_the_tail(llm, tmp_path):
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0, block_tokens=B) as mem:
         mem.create_completion("solo", text, max_tokens=1, temperature=0)
         mem.flush()
-        shape = mem._store.manifest("solo").shape
+        shape = mem.inspect().record("solo").shape
         per_token = sum(12 + sum(r for _, r in s["k"]) + sum(r for _, r in s["v"])
                         for c in shape["caches"] for s in c if s)
         for i in range(3):
@@ -137,7 +137,7 @@ def test_two_processes_share_one_cache_dir(llm, tmp_path):
                                       max_tokens=1, temperature=0)
                 assert mem.last_turn.source == "disk"
         assert mem.stats().rejected == 0
-        assert mem._store.collect() == 0  # nothing unreferenced was left behind
+        assert mem.inspect().garbage()[0] == 0  # nothing unreferenced was left behind
 
 
 def test_a_process_killed_mid_save_leaves_nothing_half_written(llm, tmp_path):
@@ -157,9 +157,7 @@ def test_a_process_killed_mid_save_leaves_nothing_half_written(llm, tmp_path):
         assert mem.stats().rejected == 0
         mem.create_completion("other", "A different agent", max_tokens=1, temperature=0)
         mem.evict("other")  # the store takes writes: a lock left by the killed writer is freed
-        mem._store.collect()
-        assert mem._store.collect() == 0
-        mem._store.sweep()  # files the kill left without a row, if it struck between the two
-        assert mem._store.sweep() == 0
+        mem.gc()  # payloads the kill left unreferenced, files it left without a row
+        assert mem.inspect().garbage() == (0, 0)
         mem.create_completion("k-victim", SHARED[:1500] + " Step 0:", max_tokens=1, temperature=0)
         assert mem.stats().rejected == 0

@@ -24,7 +24,7 @@ def blob(request):
         llm.create_completion(PROMPT, max_tokens=1, temperature=0)
         engine = Engine(llm)
         n = engine.n_tokens
-        return bytes(engine._state(0)), n, bytes(engine.snapshot().state), request.param, None
+        return bytes(engine.state_bytes(0)), n, bytes(engine.snapshot().state), request.param, None
     finally:
         llm.close()
 

@@ -170,7 +170,7 @@ def test_a_damaged_block_of_a_shared_cut_is_dropped_and_rewritten(llm, tmp_path)
         mem.create_completion("planner", role("planner", LONG), max_tokens=2, temperature=0)
         mem.create_completion("coder", role("coder"), max_tokens=2, temperature=0)
         mem.flush()
-        (cut,) = mem._store.cuts()
+        (cut,) = mem.inspect().cuts()
     victim = cut.blocks[1][0]  # an SWA block of the cut (the coder's own window holds it too)
     path = row_file(tmp_path, victim)
     flip(path, path.stat().st_size // 2, 0x20)
@@ -183,8 +183,8 @@ def test_a_damaged_block_of_a_shared_cut_is_dropped_and_rewritten(llm, tmp_path)
         assert mem.last_turn.source == "cold" and mem.stats().rejected == 1
         assert answer(out) == text and np.array_equal(last_logits(llm), logits)
         mem.flush()
-        assert [c.n_tokens for c in mem._store.cuts()] == [cut.n_tokens]  # stored again
-        assert not mem._store.has_agent("coder")  # it named the damaged block: dropped too
+        assert [c.n_tokens for c in mem.inspect().cuts()] == [cut.n_tokens]  # stored again
+        assert mem.inspect().record("coder") is None  # it named the damaged block: dropped too
         mem.create_completion("writer", role("writer"), max_tokens=6, temperature=0)
         assert mem.last_turn.source == "prefix"  # healed: the next agent restores it
         mem.create_completion("coder", role("coder"), max_tokens=2, temperature=0)
@@ -197,7 +197,7 @@ def test_a_damaged_block_of_a_shared_cut_is_dropped_and_rewritten(llm, tmp_path)
 def test_a_damaged_block_an_agent_holds_is_rewritten_by_its_next_save(llm, tmp_path):
     save(llm, tmp_path, ("a", PROMPT), ("b", OTHER))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        key = mem._store.manifest("a").blocks[0][0]
+        key = mem.inspect().record("a").blocks[0][0]
     flip(row_file(tmp_path, key), -100)
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
         mem.create_completion("a", PROMPT + MORE, max_tokens=2, temperature=0)
@@ -215,7 +215,7 @@ def test_a_damaged_block_an_agent_holds_is_rewritten_by_its_next_save(llm, tmp_p
 def test_verify_repair_drops_damage_no_turn_has_read_yet(llm, tmp_path):
     save(llm, tmp_path, ("a", PROMPT), ("b", OTHER))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        key = mem._store.manifest("a").blocks[0][0]
+        key = mem.inspect().record("a").blocks[0][0]
     path = row_file(tmp_path, key)
     flip(path, path.stat().st_size // 3, 4)
     repair = cli("verify", "--repair", tmp_path)
@@ -387,7 +387,7 @@ def test_verify_flags_two_agent_rows_swapped(llm, tmp_path):
 def test_hostile_records_and_files_are_refused_without_hanging(llm, tmp_path, hostile):
     save(llm, tmp_path, ("a", PROMPT), ("b", OTHER))
     with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0) as mem:
-        record = mem._store.manifest("a")
+        record = mem.inspect().record("a")
     if hostile == "fifo":
         path = row_file(tmp_path, record.tail)
         os.remove(path)
@@ -556,7 +556,7 @@ def test_a_forked_conversation_answers_exactly_like_a_cold_run(llm, tmp_path):
         second = f"{first}{a1}\nNotes: {NOTES}\nQuestion: and topic 5?\nAnswer:"
         a2 = answer(mem.create_completion("A", second, max_tokens=16, temperature=0))
         mem.flush()
-        assert mem._store.manifest("A").n_tokens >= 800
+        assert mem.inspect().record("A").n_tokens >= 800
         fork = f"{second}{a2}\nQuestion: summarise both answers.\nAnswer:"
         got = {}
         for name in ("B1", "B2"):

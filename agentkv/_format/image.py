@@ -28,13 +28,24 @@ import numpy as np
 from . import seqstate
 from . import pieces as seqpieces
 
-__all__ = ["RestoreImage", "build_image"]
+__all__ = ["RestoreImage", "ZERO_PAGE", "ZeroPage", "build_image", "zero_runs"]
 
 log = logging.getLogger(__name__)
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
-_supported: Optional[bool] = None  # learnt from the first attempt
+
+
+class ZeroPage:
+    """What the kernel offers for backing padding with its zero page: the ``madvise`` advice
+    that populates a range read-only (``MADV_POPULATE_READ``, Linux >= 5.14) and whether it
+    works here (None until the first attempt, then learnt once)."""
+
+    def __init__(self) -> None:
+        self.advice: int = getattr(mmap, "MADV_POPULATE_READ", 22)
+        self.supported: Optional[bool] = None
+
+
+ZERO_PAGE = ZeroPage()
 
 
 class RestoreImage:
@@ -61,7 +72,7 @@ class RestoreImage:
                                     window_start={self.cache: self.window_start})
 
 
-def _zero_runs(parsed: seqstate.SeqState, cache: int, window_start: int) -> List[Tuple[int, int]]:
+def zero_runs(parsed: seqstate.SeqState, cache: int, window_start: int) -> List[Tuple[int, int]]:
     """Byte ranges of the rows of the SWA cells below ``window_start`` (cells 0..window_start-1)."""
     st = parsed.caches[cache].only_stream()
     assert st is not None
@@ -83,8 +94,7 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
 
     Returns None where the kernel cannot back the padding with the zero page.
     """
-    global _supported
-    if _supported is False:
+    if ZERO_PAGE.supported is False:
         return None
     st = parsed.caches[cache].only_stream()
     if st is None or not st.simple_cells or not st.is_contiguous or st.pos_min != 0 \
@@ -97,25 +107,25 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
     except OSError as exc:  # out of address space or commit charge: this snapshot stays compact
         log.debug("no mapping for a laid-out snapshot (%s); keeping it compact", exc)
         return None
-    runs = _zero_runs(parsed, cache, window_start)
+    runs = zero_runs(parsed, cache, window_start)
     zero = 0
     try:
         mm.madvise(_MADV_NOHUGEPAGE)
         for a, b in runs:
             a, b = -(-a // page) * page, b // page * page
             if b > a:
-                mm.madvise(_MADV_POPULATE_READ, a, b - a)
+                mm.madvise(ZERO_PAGE.advice, a, b - a)
                 zero += b - a
     except (OSError, AttributeError) as exc:
         mm.close()
         if isinstance(exc, AttributeError) or exc.errno == errno.EINVAL:  # not this kernel's
             log.info("RAM snapshots stay compact: the zero page cannot back their padding (%s)",
                      exc)
-            _supported = False
+            ZERO_PAGE.supported = False
         else:
             log.debug("could not back a snapshot's padding (%s); keeping it compact", exc)
         return None
-    _supported = True
+    ZERO_PAGE.supported = True
     buf = np.frombuffer(mm, dtype=np.uint8)  # keeps the mapping alive; unmapped with the last view
     src = np.frombuffer(whole, dtype=np.uint8)
     at = 0

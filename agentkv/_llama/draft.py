@@ -128,7 +128,7 @@ def lookup_start(history: np.ndarray, n_max: int, n_min: int) -> int:
     return -1
 
 
-class _Pace:
+class DraftPace:
     """What to draft next, and whether to look at all (see NgramDraft).
 
     ``source`` follows a copy: the history position the next drafted token would be read
@@ -209,7 +209,7 @@ def drafted_generate(llm: Any, tokens: Sequence[int], cfg: NgramDraft, reset: bo
     batch = llm._batch
     ids = llm.input_ids  # the Llama's own token array: the history drafts are looked up in
     longest = max(0, min(cfg.max_len, int(llm.n_batch) - 1))
-    pace = _Pace(cfg)
+    pace = DraftPace(cfg)
     cur = int(_row(ctx, -1, n_vocab).argmax())
     sent = yield cur
     while True:

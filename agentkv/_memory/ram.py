@@ -3,42 +3,45 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from .._format.snapshot import Snapshot
 
-__all__ = ["RamTier"]
+__all__ = ["RamEntry", "RamTier"]
+
+
+class RamEntry(NamedTuple):
+    snap: Snapshot
+    last_used: float  # wall-clock time of the agent's last turn
 
 
 class RamTier:
     """Snapshots by agent id, least recently used first, under ``budget`` bytes.
 
-    The byte count changes with every put and pop; nothing is re-summed.
+    The byte count changes with every put and pop; nothing is re-summed. The order of the
+    entries is the tier's one LRU order; each entry carries its agent's last turn's time.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._items: "OrderedDict[str, Snapshot]" = OrderedDict()
+        self._items: "OrderedDict[str, RamEntry]" = OrderedDict()
         self._bytes = 0
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
-    def __contains__(self, agent_id: str) -> bool:
-        return agent_id in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
     def peek(self, agent_id: str) -> Optional[Snapshot]:
         """The agent's snapshot without touching the LRU order."""
-        return self._items.get(agent_id)
+        entry = self._items.get(agent_id)
+        return None if entry is None else entry.snap
 
-    def items(self) -> List[Tuple[str, Snapshot]]:
+    def items(self) -> List[Tuple[str, RamEntry]]:
+        """Every entry, least recently used first."""
         return list(self._items.items())
 
-    def put(self, agent_id: str, snap: Snapshot) -> List[Tuple[str, Snapshot]]:
+    def put(self, agent_id: str, snap: Snapshot, last_used: float
+            ) -> List[Tuple[str, Snapshot]]:
         """Keep ``snap`` as the agent's newest snapshot; return what left to fit the budget.
 
         A snapshot larger than the whole budget is returned at once (it never fits).
@@ -46,21 +49,21 @@ class RamTier:
         self.pop(agent_id)
         if snap.nbytes > self.budget:
             return [(agent_id, snap)]
-        self._items[agent_id] = snap
+        self._items[agent_id] = RamEntry(snap, last_used)
         self._bytes += snap.nbytes
         evicted: List[Tuple[str, Snapshot]] = []
         while self._bytes > self.budget:
             victim, old = self._items.popitem(last=False)
-            self._bytes -= old.nbytes
-            evicted.append((victim, old))
+            self._bytes -= old.snap.nbytes
+            evicted.append((victim, old.snap))
         return evicted
 
     def clear(self) -> None:
         self._items.clear()
         self._bytes = 0
 
-    def pop(self, agent_id: str) -> Optional[Snapshot]:
-        snap = self._items.pop(agent_id, None)
-        if snap is not None:
-            self._bytes -= snap.nbytes
-        return snap
+    def pop(self, agent_id: str) -> Optional[RamEntry]:
+        entry = self._items.pop(agent_id, None)
+        if entry is not None:
+            self._bytes -= entry.snap.nbytes
+        return entry

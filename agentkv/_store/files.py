@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Set
 
 import diskcache
-import numpy as np
 
 from ..errors import ConfigError, CorruptEntry, NotACache, StoreBusy
 
-__all__ = ["SafeDisk", "StoreLock", "Arena", "claim", "check_database", "database_damage",
+__all__ = ["SafeDisk", "StoreLock", "claim", "check_database", "database_damage",
            "move_aside", "open_regular", "MARKER", "DB_NAME"]
 
 log = logging.getLogger(__name__)
@@ -173,31 +172,6 @@ class StoreLock:
         except Exception:
             self._unreleased.add(token)  # freed by this process's next acquire
             raise
-
-
-class Arena:
-    """A read buffer reused from one restore to the next: payloads read into it cost no page
-    faults (a fresh 20 MB buffer takes ~5k of them). Views handed out stay valid until
-    :meth:`reset`; a read that does not fit goes to a buffer of its own, and the next reset
-    grows the arena to what the last round needed."""
-
-    def __init__(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
-        self._used = 0
-        self._wanted = 0
-
-    def reset(self) -> None:
-        if self._wanted > self._buf.nbytes:
-            self._buf = np.empty(self._wanted + (self._wanted >> 4), dtype=np.uint8)
-        self._used = self._wanted = 0
-
-    def take(self, nbytes: int) -> np.ndarray:
-        self._wanted += nbytes
-        if self._used + nbytes > self._buf.nbytes:
-            return np.empty(nbytes, dtype=np.uint8)
-        view = self._buf[self._used:self._used + nbytes]
-        self._used += nbytes
-        return view
 
 
 # -- the cache folder -------------------------------------------------------------------------

@@ -34,10 +34,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import xxhash
 
 from .records import Record
+from ..config import SharedTier
 from ..errors import ConfigError, CorruptEntry, FingerprintMismatch
-from .disk import mismatch
+from .keys import mismatch
 
-__all__ = ["SharedTier", "RedisTier", "Remote", "shared_config"]
+__all__ = ["RedisTier", "Remote"]
 
 log = logging.getLogger(__name__)
 
@@ -85,55 +86,6 @@ return 0
 
 
 @dataclass(frozen=True)
-class SharedTier:
-    """Where and how agents' KV is shared between processes and machines.
-
-    ``AgentMemory(llm, shared="redis://host:6379/0")`` is ``shared=SharedTier("redis://...")``.
-
-    Attributes:
-        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL, as redis-py reads it.
-        namespace: prefix of every key; default ``agentkv:<hash of fingerprint and salt>``.
-        salt: tenants with different salts never share a key (nor a block).
-        timeout: seconds a connect or a read may take before the call fails (bounded wait).
-        ttl: seconds before a manifest or payload expires (refreshed when published again),
-            or None (default) to leave eviction to the server's ``maxmemory-policy``.
-        lease: seconds a turn's lease lasts if its worker dies before publishing.
-        wait: seconds a turn waits for another worker's turn of the same agent to publish.
-    """
-
-    url: str
-    namespace: Optional[str] = None
-    salt: Optional[str] = None
-    timeout: float = 1.0
-    ttl: Optional[int] = None
-    lease: float = 60.0
-    wait: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or "://" not in self.url:
-            raise ConfigError(f"shared must be a redis:// URL or a SharedTier, not {self.url!r}")
-        for name in ("namespace", "salt"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, str) or not v or len(v) > 200):
-                raise ConfigError(f"{name} must be a non-empty string of at most 200 characters")
-        for name in ("timeout", "lease", "wait"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 86400 * 30:
-                raise ConfigError(f"{name} must be a positive number of seconds, not {v!r}")
-        if self.ttl is not None and (isinstance(self.ttl, bool) or not isinstance(self.ttl, int)
-                                     or self.ttl <= 0):
-            raise ConfigError(f"ttl must be None or a positive int of seconds, not {self.ttl!r}")
-
-
-def shared_config(value: Any) -> Optional[SharedTier]:
-    if value is None or isinstance(value, SharedTier):
-        return value
-    if isinstance(value, str):
-        return SharedTier(value)
-    raise ConfigError(f"shared must be None, a redis:// URL or a SharedTier, not {value!r}")
-
-
-@dataclass(frozen=True)
 class Remote:
     """An agent's manifest as read from the shared tier (checked, not yet its payloads)."""
 
@@ -151,11 +103,12 @@ _DOWN = object()  # a call the breaker skipped or that failed
 class RedisTier:
     """The shared tier's client: bounded calls, a breaker, and agentkv's key layout.
 
-    ``count(**deltas)`` adds to the memory's counters (``shared_errors`` ...).
+    ``count(**deltas)`` adds to the memory's counters (``shared_errors`` ...); ``machine`` is
+    this machine's compute description (named when another machine's record is refused).
     """
 
     def __init__(self, cfg: SharedTier, fingerprint: bytes,
-                 count: Callable[..., None] = lambda **kw: None) -> None:
+                 count: Callable[..., None] = lambda **kw: None, machine: str = "") -> None:
         try:
             import redis
             from redis.backoff import NoBackoff
@@ -164,6 +117,7 @@ class RedisTier:
             raise ConfigError(EXTRA_HINT) from exc
         self.cfg = cfg
         self._count = count
+        self.machine = machine  # settings.compute(): named when a record is refused
         self._errors = (redis.RedisError, OSError, ValueError, TypeError, IndexError)
         try:
             self._client = redis.Redis.from_url(
@@ -275,7 +229,7 @@ class RedisTier:
         if gen is None or not bytes(gen).isdigit() or int(gen) != r.gen:
             raise CorruptEntry("manifest's generation disagrees with its record")
         if r.fingerprint != self.fingerprint.hex():
-            raise FingerprintMismatch(mismatch(agent_id, r))
+            raise FingerprintMismatch(mismatch(agent_id, r, self.machine))
         return Remote(bytes(rec), r)
 
     def release(self, agent_id: str, token: Optional[str]) -> None:
