@@ -25,12 +25,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from ._store.records import Record
 from ._store.files import DB_NAME, check_database, claim
 from .errors import AgentKVError, CorruptEntry, NotACache
 from ._store.disk import DiskStore
+
+if TYPE_CHECKING:  # pragma: no cover - the redis client is an optional extra
+    from ._store.shared import RedisTier
 
 
 class _Refused(Exception):
@@ -57,7 +60,7 @@ def _store(path: str, at_rest: int = 0) -> DiskStore:
         raise _Refused(1, f"{DB_NAME}: cannot be opened: {type(exc).__name__}: {exc}") from exc
 
 
-def _tier(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _tier(args: argparse.Namespace) -> "RedisTier":
     """The shared tier named by --shared (and --namespace)."""
     from .config import SharedTier
     from ._store.shared import RedisTier
@@ -67,7 +70,7 @@ def _tier(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise _Refused(2, f"agentkv: {exc}") from exc
 
 
-def _shared_records(tier) -> List[Tuple[str, bytes, Union[Record, CorruptEntry]]]:  # type: ignore[no-untyped-def]
+def _shared_records(tier: "RedisTier") -> List[Tuple[str, bytes, Union[Record, CorruptEntry]]]:
     try:
         rows = list(tier.scan())
     except Exception as exc:  # noqa: BLE001 - redis-py's errors: the server is not reachable
@@ -198,7 +201,7 @@ def _repair(store: DiskStore, key: str, exc: BaseException) -> str:
     return " -> record dropped"
 
 
-def _name(kr) -> str:  # type: ignore[no-untyped-def]
+def _name(kr: Tuple[str, Union[Record, CorruptEntry]]) -> str:
     key, r = kr
     return r.name if isinstance(r, Record) else key
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union, overload
+
+from llama_cpp import llama_types
 
 from ._format.buffers import Buffers
 from ._llama.draft import DraftLike, NgramDraft, draft_config
@@ -40,7 +41,7 @@ from ._memory.ram import RamTier
 from ._memory.residency import Residency
 from ._memory.saves import Saves
 from ._memory.tiers import Tiers
-from ._memory.turns import TurnRunner, check_agent_id
+from ._memory.turns import TurnRunner, check_agent_id, flush_at_exit
 from ._store.atrest import code_of
 from ._store.disk import DiskStore, NoDisk
 from ._store.shared import RedisTier
@@ -53,18 +54,6 @@ _DEFAULT: Any = object()  # "the memory's own setting" for per-call options
 __all__ = ["AgentMemory"]
 
 log = logging.getLogger(__name__)
-
-
-def _flush_at_exit(mem: "AgentMemory") -> Callable[[], None]:
-    """An exit hook that lets the writer finish the saves queued when the interpreter exits
-    without close() (the writer is a daemon thread, stopped at exit); holds no reference."""
-    ref = weakref.ref(mem)
-
-    def flush() -> None:
-        m = ref()
-        if m is not None and not m._closed:
-            m._saves.writer.drain()
-    return flush
 
 
 class AgentMemory(TurnRunner):
@@ -154,7 +143,7 @@ class AgentMemory(TurnRunner):
         self._engine.install()
         self._engine.clear()  # whatever the Llama held belongs to no agent
         self._warned_cache = False
-        self._at_exit = _flush_at_exit(self)
+        self._at_exit = flush_at_exit(self)
         atexit.register(self._at_exit)
         self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", cfg.cache_dir, self.fingerprint)
@@ -203,21 +192,43 @@ class AgentMemory(TurnRunner):
         with self._turn(agent_id, self._draft_for(draft)) as llm:
             yield llm
 
-    def create_completion(self, agent_id: str, prompt: Any, **kwargs: Any) -> Any:
+    @overload
+    def create_completion(self, agent_id: str, prompt: Any, *, stream: Literal[False] = ...,
+                          **kwargs: Any) -> llama_types.CreateCompletionResponse: ...
+
+    @overload
+    def create_completion(self, agent_id: str, prompt: Any, *, stream: Literal[True],
+                          **kwargs: Any) -> Iterator[llama_types.CreateCompletionStreamResponse]: ...
+
+    def create_completion(self, agent_id: str, prompt: Any, *, stream: bool = False,
+                          **kwargs: Any) -> Any:
         """``Llama.create_completion`` as ``agent_id``; same return shape, ``stream=True`` too.
         ``draft=`` (False, "ngram") overrides the memory's drafting setting for this call."""
         draft = self._draft_for(kwargs.pop("draft", _DEFAULT))
-        return self._call(agent_id, lambda llm: llm.create_completion(prompt, **kwargs),
-                          bool(kwargs.get("stream")), draft)
+        return self._call(agent_id, lambda llm: llm.create_completion(prompt, stream=stream,
+                                                                      **kwargs),
+                          stream, draft)
 
-    def create_chat_completion(self, agent_id: str, messages: Any = None, **kwargs: Any) -> Any:
+    @overload
+    def create_chat_completion(self, agent_id: str, messages: Any = ..., *,
+                               stream: Literal[False] = ..., **kwargs: Any
+                               ) -> llama_types.CreateChatCompletionResponse: ...
+
+    @overload
+    def create_chat_completion(self, agent_id: str, messages: Any = ..., *,
+                               stream: Literal[True], **kwargs: Any
+                               ) -> Iterator[llama_types.CreateChatCompletionStreamResponse]: ...
+
+    def create_chat_completion(self, agent_id: str, messages: Any = None, *, stream: bool = False,
+                               **kwargs: Any) -> Any:
         """``Llama.create_chat_completion`` as ``agent_id``; same return shape, ``stream=True`` too.
         ``draft=`` (False, "ngram") overrides the memory's drafting setting for this call."""
         draft = self._draft_for(kwargs.pop("draft", _DEFAULT))
         if messages is not None:
             kwargs["messages"] = messages
-        return self._call(agent_id, lambda llm: llm.create_chat_completion(**kwargs),
-                          bool(kwargs.get("stream")), draft)
+        return self._call(agent_id, lambda llm: llm.create_chat_completion(stream=stream,
+                                                                           **kwargs),
+                          stream, draft)
 
     def _draft_for(self, value: Any) -> Optional[NgramDraft]:
         return self._draft if value is _DEFAULT else draft_config(value)

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from agentkv import CorruptEntry, FingerprintMismatch
 from agentkv._format import seqstate
 from agentkv._format import pieces as seqpieces
-from agentkv._store.records import (Record, Tail, blocks_digest, chain_keys, decode_block,
-                                   decode_tail, encode_tail, seal_block)
+from agentkv._store.records import Record
+from agentkv._store.payloads import (Tail, blocks_digest, chain_keys, decode_block, decode_tail,
+                                    encode_tail, seal_block)
 from blobgen import blobs, joined
 
 FP = bytes(range(16))

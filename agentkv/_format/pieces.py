@@ -1,10 +1,7 @@
 """Token blocks of a sequence state: cut a blob into pieces, assemble pieces back.
 
-A blob is its *shape* (the seq id and, per cache and stream, the layer headers) plus, per
-stream, a run of cells with one row of bytes per cell in every tensor. A :class:`Piece` is a
-cell range of one stream with all of its bytes: the raw cell records, then each K layer's
-rows, then each V layer's rows (a transposed V layer contributes its ``n_embd`` rows' slices
-for the range, one after another). Cutting a stream into pieces and concatenating them back
+A blob is its shape plus, per stream, a run of cells (shape.py: :class:`Shape`,
+:class:`Piece`). Cutting a stream into pieces and concatenating them back
 in order restores the blob byte for byte; nothing else is in the format.
 
 The format itself (parsing, checking, padding a blob) is :mod:`agentkv._format.seqstate`; this module
@@ -13,7 +10,6 @@ only cuts along its cells and puts the cuts back together, which is what the dis
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -21,170 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CorruptEntry
-from .seqstate import (CELL_BYTES, CELL_DTYPE, LAYER_HEADER_BYTES, MAX_STREAMS, SEQ_MAGIC,
-                       SeqState, StreamSection, parse)
+from .seqstate import (CELL_BYTES, CELL_DTYPE, LAYER_HEADER_BYTES, SEQ_MAGIC, SeqState,
+                       StreamSection, parse)
+from .shape import (FilePiece, LazyPiece, Piece, Shape, StreamShape, piece_regions,
+                    shape_of)
 
 __all__ = ["StreamShape", "Shape", "Piece", "LazyPiece", "FilePiece", "PieceViews", "shape_of",
            "split_views", "assemble", "piece_regions"]
-
-
-@dataclass(frozen=True)
-class StreamShape:
-    """The layer headers of one non-empty stream.
-
-    ``k`` holds (type, row_size) per layer; ``v`` holds (type, row_size) per layer, or
-    (type, el_size, n_embd) when ``v_trans``.
-    """
-
-    v_trans: bool
-    k: Tuple[Tuple[int, int], ...]
-    v: Tuple[Tuple[int, ...], ...]
-
-    @property
-    def data_per_cell(self) -> int:
-        """Tensor bytes one cell owns across all layers."""
-        k = sum(row for _, row in self.k)
-        v = sum(el * n for _, el, n in self.v) if self.v_trans else sum(row for _, row in self.v)
-        return k + v
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"v_trans": self.v_trans, "k": [list(x) for x in self.k], "v": [list(x) for x in self.v]}
-
-    @classmethod
-    def from_json(cls, d: Any) -> "StreamShape":
-        try:
-            v_trans = d["v_trans"]
-            k = tuple((int(t), int(r)) for t, r in d["k"])
-            v = tuple(tuple(int(x) for x in row) for row in d["v"])
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise CorruptEntry(f"stream shape does not parse: {exc}") from exc
-        if not isinstance(v_trans, bool) or not k or len(v) != len(k) or \
-                any(len(row) != (3 if v_trans else 2) for row in v):
-            raise CorruptEntry("stream shape is inconsistent")
-        return cls(v_trans, k, v)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Everything of a blob but its cells and tensor rows: ``caches[c][s]`` is the shape of
-    stream ``s`` of cache ``c`` (None where that stream is empty)."""
-
-    seq_id: int
-    caches: Tuple[Tuple[Optional[StreamShape], ...], ...]
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"seq_id": self.seq_id,
-                "caches": [[None if s is None else s.to_json() for s in c] for c in self.caches]}
-
-    @classmethod
-    def from_json(cls, d: Any) -> "Shape":
-        try:
-            seq_id = int(d["seq_id"])
-            caches = tuple(tuple(None if s is None else StreamShape.from_json(s) for s in c)
-                           for c in d["caches"])
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise CorruptEntry(f"state shape does not parse: {exc}") from exc
-        if not caches or len(caches) > 8 or any(not 0 < len(c) <= MAX_STREAMS for c in caches):
-            raise CorruptEntry("state shape has an impossible cache or stream count")
-        return cls(seq_id, caches)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A run of ``count`` cells of stream ``stream`` of cache ``cache``, first position
-    ``pos0``, with its bytes: ``cells_len`` bytes of cell records, then the tensor rows."""
-
-    cache: int
-    stream: int
-    pos0: int
-    count: int
-    cells_len: int
-    data: Any  # a contiguous uint8 buffer
-
-    @property
-    def nbytes(self) -> int:
-        return memoryview(self.data).nbytes
-
-
-class LazyPiece(Piece):
-    """A piece whose bytes :func:`assemble` has made straight in their places in the blob:
-    it notes the piece's regions there (cell records, then each K and each V layer's rows:
-    the piece's byte order) and calls ``read_into`` with a view of each. ``nbytes`` is the
-    length the piece has once made."""
-
-    def read_into(self, views: List[memoryview]) -> None:
-        raise NotImplementedError
-
-
-class FilePiece(LazyPiece):
-    """A piece whose bytes are still in a file: :func:`assemble` reads them straight into
-    their places in the blob (one copy, by the kernel) and then calls ``verify``.
-
-    ``data`` is ``(file, offset, length, verify)``: an open binary file, where the piece's
-    bytes start in it and how many there are, and a callable given the views that were
-    filled (in the piece's byte order) that raises CorruptEntry if they are not the bytes
-    the piece was stored with.
-    """
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data[2])
-
-    def read_into(self, views: List[memoryview]) -> None:
-        f, offset, length, verify = self.data
-        if sum(v.nbytes for v in views) != length:
-            raise CorruptEntry("piece regions do not add up to the piece's length")
-        try:
-            fd = f.fileno()
-            todo = list(views)
-            pos = offset
-            while todo:
-                got = os.preadv(fd, todo[:1024], pos)
-                if got <= 0:
-                    raise CorruptEntry("stored piece ends before its length")
-                pos += got
-                while todo and got >= todo[0].nbytes:
-                    got -= todo[0].nbytes
-                    todo.pop(0)
-                if got:
-                    todo[0] = todo[0][got:]
-            verify(views)
-        except CorruptEntry as exc:
-            exc.payload = exc.payload or getattr(verify, "payload", None)
-            raise
-        finally:
-            f.close()
-
-
-def piece_regions(shape: Shape, piece: Piece) -> List[Tuple[int, int, int]]:
-    """(offset, nbytes, ggml type) of each K then V layer's bytes inside ``piece.data``."""
-    sh = shape.caches[piece.cache][piece.stream]
-    if sh is None:
-        raise CorruptEntry(f"piece names empty stream {piece.stream} of cache {piece.cache}")
-    out = []
-    off = piece.cells_len
-    for t, row in sh.k:
-        out.append((off, piece.count * row, t))
-        off += piece.count * row
-    for hdr in sh.v:
-        n = hdr[2] * piece.count * hdr[1] if sh.v_trans else piece.count * hdr[1]
-        out.append((off, n, hdr[0]))
-        off += n
-    return out
-
-
-def _stream_shape(st: StreamSection) -> StreamShape:
-    k = tuple((sp.type, sp.row_size) for sp in st.k)
-    if st.v_trans:
-        v: Tuple[Tuple[int, ...], ...] = tuple((sp.type, sp.el_size, sp.n_embd) for sp in st.v)
-    else:
-        v = tuple((sp.type, sp.row_size) for sp in st.v)
-    return StreamShape(st.v_trans, k, v)
-
-
-def shape_of(state: SeqState) -> Shape:
-    return Shape(state.seq_id, tuple(tuple(None if s is None else _stream_shape(s) for s in c.streams)
-                                      for c in state.caches))
 
 
 def _cuts(st: StreamSection, block_tokens: int, a0: int = 0) -> List[int]:
@@ -314,6 +153,124 @@ def _pad_piece(cache: int, stream: int, first: Piece, new_pos_min: int,
     return _Pad(cache, stream, new_pos_min, count, CELL_BYTES * count, cells.view(np.uint8))
 
 
+def _by_stream(shape: Shape, pieces: Sequence[Piece]) -> Dict[Tuple[int, int], List[Piece]]:
+    """The pieces by (cache, stream), each checked against its stream's shape."""
+    by_stream: Dict[Tuple[int, int], List[Piece]] = {}
+    for p in pieces:
+        if not 0 <= p.cache < len(shape.caches) or not 0 <= p.stream < len(shape.caches[p.cache]):
+            raise CorruptEntry(f"piece names cache {p.cache} stream {p.stream}, not in the shape")
+        sh = shape.caches[p.cache][p.stream]
+        if sh is None or p.count <= 0 or p.cells_len < 0 or \
+                p.nbytes != p.cells_len + p.count * sh.data_per_cell:
+            raise CorruptEntry(f"piece of {p.count} cells has {p.nbytes} bytes; its stream's "
+                               "shape wants another size")
+        by_stream.setdefault((p.cache, p.stream), []).append(p)
+    return by_stream
+
+
+def _blob_size(shape: Shape, by_stream: Dict[Tuple[int, int], List[Piece]]) -> int:
+    total = 8
+    for ci, streams in enumerate(shape.caches):
+        total += 4
+        for si, sh in enumerate(streams):
+            total += 4
+            ps = by_stream.get((ci, si), [])
+            if sh is not None and ps:
+                total += 8 + LAYER_HEADER_BYTES * (len(sh.k) + len(sh.v))
+                total += sum(p.cells_len + p.count * sh.data_per_cell for p in ps)
+    return total
+
+
+class _Assembly:
+    """Writes a blob front to back into ``buf``: headers and eager pieces' bytes as it goes;
+    a LazyPiece's regions are noted (in its byte order) and made at the end; padding cells'
+    rows are skipped (the buffer is zeros there). ``wrote`` collects what was written."""
+
+    def __init__(self, buf: np.ndarray, wrote: List[Tuple[int, int]]) -> None:
+        self.buf = buf
+        self.o = 0
+        self.wrote = wrote
+        self.regions: Dict[int, Tuple[Piece, List[Tuple[int, int]]]] = {}
+
+    def mark(self, a: int, b: int) -> None:
+        if self.wrote and self.wrote[-1][1] == a:
+            self.wrote[-1] = (self.wrote[-1][0], b)
+        elif b > a:
+            self.wrote.append((a, b))
+
+    def put(self, raw: Any) -> None:
+        arr = np.frombuffer(raw, dtype=np.uint8)
+        self.buf[self.o:self.o + arr.size] = arr
+        self.mark(self.o, self.o + arr.size)
+        self.o += arr.size
+
+    def later(self, p: Piece, n: int) -> None:
+        """``n`` bytes of lazy piece ``p`` go here, made by :meth:`finish`."""
+        self.regions.setdefault(id(p), (p, []))[1].append((self.o, n))
+        self.mark(self.o, self.o + n)
+        self.o += n
+
+    def stream(self, sh: StreamShape, ps: List[Piece]) -> None:
+        """One stream's section: cell records, then each K and each V layer's rows."""
+        n = sum(p.count for p in ps)
+        self.put(struct.pack("<I", n))
+        datas = [None if isinstance(p, LazyPiece) else np.frombuffer(p.data, dtype=np.uint8)
+                 for p in ps]
+        for p, d in zip(ps, datas):
+            if d is None:
+                if sh.v_trans:
+                    raise ValueError("a piece with transposed V rows cannot be read in place")
+                self.later(p, p.cells_len)
+            else:
+                self.put(d[:p.cells_len])
+        self.put(struct.pack("<II", int(sh.v_trans), len(sh.k)))
+        offs = [p.cells_len for p in ps]  # read cursor inside each piece
+        for t, row in sh.k:
+            self.put(struct.pack("<iQ", t, row))
+            self._rows(ps, datas, offs, row)
+        for hdr in sh.v:
+            if sh.v_trans:
+                self.put(struct.pack("<iII", *hdr))
+                self._transposed(ps, datas, offs, n, hdr[1], hdr[2])
+            else:
+                self.put(struct.pack("<iQ", *hdr))
+                self._rows(ps, datas, offs, hdr[1])
+
+    def _rows(self, ps: List[Piece], datas: List[Optional[np.ndarray]], offs: List[int],
+              row: int) -> None:
+        """One layer's rows, a row per cell, piece after piece."""
+        for j, (p, d) in enumerate(zip(ps, datas)):
+            if isinstance(p, _Pad):
+                self.o += p.count * row  # stays zero
+            elif d is None:
+                self.later(p, p.count * row)
+            else:
+                self.put(d[offs[j]: offs[j] + p.count * row])
+                offs[j] += p.count * row
+
+    def _transposed(self, ps: List[Piece], datas: List[Optional[np.ndarray]], offs: List[int],
+                    n: int, el: int, n_embd: int) -> None:
+        """One transposed V layer: ``n_embd`` rows of every cell's element, pieces side by side."""
+        o = self.o
+        dst = self.buf[o: o + n_embd * n * el].reshape(n_embd, n * el)
+        self.mark(o, o + n_embd * n * el)
+        col = 0
+        for j, (p, d) in enumerate(zip(ps, datas)):
+            w = p.count * el
+            if not isinstance(p, _Pad):
+                assert d is not None  # lazy pieces of transposed streams were refused
+                dst[:, col:col + w] = d[offs[j]: offs[j] + n_embd * w].reshape(n_embd, w)
+                offs[j] += n_embd * w
+            col += w
+        self.o += n_embd * n * el
+
+    def finish(self) -> None:
+        """Make the lazy pieces' bytes in their regions (read from their files, checked)."""
+        for p, regs in self.regions.values():
+            assert isinstance(p, LazyPiece)
+            p.read_into([self.buf[a:a + n].data for a, n in regs])
+
+
 def assemble(shape: Shape, pieces: Sequence[Piece],
              window_start: Optional[Dict[int, int]] = None,
              out: Optional[Callable[[int], np.ndarray]] = None,
@@ -327,16 +284,7 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
     ranges the assembly wrote (padding aside). Raises CorruptEntry when the pieces do not
     fit the shape (wrong stream, wrong size).
     """
-    by_stream: Dict[Tuple[int, int], List[Piece]] = {}
-    for p in pieces:
-        if not 0 <= p.cache < len(shape.caches) or not 0 <= p.stream < len(shape.caches[p.cache]):
-            raise CorruptEntry(f"piece names cache {p.cache} stream {p.stream}, not in the shape")
-        sh = shape.caches[p.cache][p.stream]
-        if sh is None or p.count <= 0 or p.cells_len < 0 or \
-                p.nbytes != p.cells_len + p.count * sh.data_per_cell:
-            raise CorruptEntry(f"piece of {p.count} cells has {p.nbytes} bytes; its stream's "
-                               "shape wants another size")
-        by_stream.setdefault((p.cache, p.stream), []).append(p)
+    by_stream = _by_stream(shape, pieces)
     for ci, new_pos_min in (window_start or {}).items():
         keys = [k for k in by_stream if k[0] == ci]
         if len(keys) != 1:
@@ -344,102 +292,22 @@ def assemble(shape: Shape, pieces: Sequence[Piece],
         pad = _pad_piece(ci, keys[0][1], by_stream[keys[0]][0], new_pos_min, shape.seq_id)
         if pad is not None:
             by_stream[keys[0]].insert(0, pad)
-
-    def size(p: Piece, sh: StreamShape) -> int:
-        return p.cells_len + p.count * sh.data_per_cell
-
-    total = 8
-    for ci, streams in enumerate(shape.caches):
-        total += 4
-        for si, sh in enumerate(streams):
-            total += 4
-            ps = by_stream.get((ci, si), [])
-            if sh is not None and ps:
-                total += 8 + LAYER_HEADER_BYTES * (len(sh.k) + len(sh.v)) + sum(size(p, sh) for p in ps)
-    padded = any(isinstance(p, _Pad) for ps in by_stream.values() for p in ps)
+    total = _blob_size(shape, by_stream)
     if out is not None:
         buf = out(total)
     else:
+        padded = any(isinstance(p, _Pad) for ps in by_stream.values() for p in ps)
         buf = (np.zeros if padded else np.empty)(total, dtype=np.uint8)  # calloc: pads cost no writes
-    wrote: List[Tuple[int, int]] = [] if written is None else written
-    regions: Dict[int, Tuple[Piece, List[Tuple[int, int]]]] = {}
-    o = 0
-
-    def mark(a: int, b: int) -> None:
-        if wrote and wrote[-1][1] == a:
-            wrote[-1] = (wrote[-1][0], b)
-        elif b > a:
-            wrote.append((a, b))
-
-    def put(raw: Any) -> None:
-        nonlocal o
-        arr = np.frombuffer(raw, dtype=np.uint8)
-        buf[o:o + arr.size] = arr
-        mark(o, o + arr.size)
-        o += arr.size
-
-    put(struct.pack("<Ii", SEQ_MAGIC, shape.seq_id))
+    a = _Assembly(buf, [] if written is None else written)
+    a.put(struct.pack("<Ii", SEQ_MAGIC, shape.seq_id))
     for ci, streams in enumerate(shape.caches):
-        put(struct.pack("<I", len(streams)))
+        a.put(struct.pack("<I", len(streams)))
         for si, sh in enumerate(streams):
             ps = by_stream.get((ci, si), [])
             if sh is None or not ps:
-                put(struct.pack("<I", 0))
-                continue
-            n = sum(p.count for p in ps)
-            put(struct.pack("<I", n))
-            # a LazyPiece's regions are noted here (in its byte order) and made in the end
-            datas = [None if isinstance(p, LazyPiece) else np.frombuffer(p.data, dtype=np.uint8)
-                     for p in ps]
-            for p, d in zip(ps, datas):
-                if d is None:
-                    if sh.v_trans:
-                        raise ValueError("a piece with transposed V rows cannot be read in place")
-                    regions.setdefault(id(p), (p, []))[1].append((o, p.cells_len))
-                    mark(o, o + p.cells_len)
-                    o += p.cells_len
-                    continue
-                put(d[:p.cells_len])
-            put(struct.pack("<II", int(sh.v_trans), len(sh.k)))
-            offs = [p.cells_len for p in ps]  # read cursor inside each piece
-            pads = [isinstance(p, _Pad) for p in ps]
-
-            def rows(row: int) -> None:
-                nonlocal o
-                for j, (p, d) in enumerate(zip(ps, datas)):
-                    if pads[j]:
-                        o += p.count * row  # stays zero
-                        continue
-                    if d is None:
-                        regions[id(p)][1].append((o, p.count * row))
-                        mark(o, o + p.count * row)
-                        o += p.count * row
-                        continue
-                    put(d[offs[j]: offs[j] + p.count * row])
-                    offs[j] += p.count * row
-
-            for t, row in sh.k:
-                put(struct.pack("<iQ", t, row))
-                rows(row)
-            for hdr in sh.v:
-                if sh.v_trans:
-                    t, el, n_embd = hdr
-                    put(struct.pack("<iII", t, el, n_embd))
-                    dst = buf[o: o + n_embd * n * el].reshape(n_embd, n * el)
-                    mark(o, o + n_embd * n * el)
-                    col = 0
-                    for j, (p, d) in enumerate(zip(ps, datas)):
-                        w = p.count * el
-                        if not pads[j]:
-                            dst[:, col:col + w] = d[offs[j]: offs[j] + n_embd * w].reshape(n_embd, w)
-                            offs[j] += n_embd * w
-                        col += w
-                    o += n_embd * n * el
-                else:
-                    t, row = hdr
-                    put(struct.pack("<iQ", t, row))
-                    rows(row)
-    assert o == total
-    for p, regs in regions.values():
-        p.read_into([memoryview(buf[a:a + n]) for a, n in regs])  # type: ignore[attr-defined]
+                a.put(struct.pack("<I", 0))
+            else:
+                a.stream(sh, ps)
+    assert a.o == total
+    a.finish()
     return buf

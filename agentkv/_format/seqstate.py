@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -44,9 +44,16 @@ MAX_STREAMS = 256  # LLAMA_MAX_SEQ
 _MAX_LAYERS = 4096
 _MAX_CELLS = 1 << 26
 _MAX_GGML_TYPE = 64
+Buffer = Union[bytes, bytearray, memoryview, np.ndarray]  # what a state blob may come as
 CELL_DTYPE = np.dtype([("pos", "<i4"), ("n_seq_id", "<u4"), ("seq_id", "<i4")])
 CELL_BYTES = CELL_DTYPE.itemsize  # 12: a cell of one sequence and no extension
 LAYER_HEADER_BYTES = 12  # a layer's (i32 type, u64 row size) or (i32 type, u32 el, u32 n_embd)
+
+
+def byte_view(buf: Buffer) -> memoryview:
+    """A flat byte view of any contiguous buffer, without a copy."""
+    view = buf.data if isinstance(buf, np.ndarray) else memoryview(buf)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 @dataclass(frozen=True)
@@ -189,12 +196,12 @@ def _parse_stream(r: _Reader, cell_count: int, ext_size: int) -> StreamSection:
     return StreamSection(cell_count, pos, bool(v_trans), tuple(k), tuple(v), simple)
 
 
-def parse(blob: bytes, ext_size: int = 0) -> SeqState:
+def parse(blob: Buffer, ext_size: int = 0) -> SeqState:
     """Parse a sequence-state blob; raise :class:`CorruptEntry` if it is malformed.
 
     ``ext_size`` is the per-cell extension llama.cpp writes for M-RoPE models (0 otherwise).
     """
-    buf = memoryview(blob).cast("B")
+    buf = byte_view(blob)
     r = _Reader(buf)
     magic, seq_id = r.unpack("<Ii", "header")
     if magic != SEQ_MAGIC:
@@ -217,7 +224,9 @@ def parse(blob: bytes, ext_size: int = 0) -> SeqState:
     return SeqState(seq_id, tuple(caches), len(buf))
 
 
-def set_window_start(blob: bytes, state: SeqState, cache_index: int, new_pos_min: int,
+# One pass over the blob, front to back, on purpose (~55 lines past its docstring): every
+# offset follows from the one before, and split up the offsets would travel between functions.
+def set_window_start(blob: Buffer, state: SeqState, cache_index: int, new_pos_min: int,
               seq_id: Optional[int] = None, out: Optional[Callable[[int], np.ndarray]] = None,
               written: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
     """A copy of ``blob`` whose cache ``cache_index`` starts at position ``new_pos_min``.

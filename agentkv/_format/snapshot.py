@@ -68,8 +68,11 @@ class Snapshot:
     def nbytes(self) -> int:
         extra = 0 if self.logits is None else int(self.logits.nbytes)
         state = self.state
-        state = state.nbytes if isinstance(state, (StoredPieces, RestoreImage)) else memoryview(state).nbytes
-        return int(self.tokens.nbytes) + state + extra
+        if isinstance(state, (StoredPieces, RestoreImage, np.ndarray)):
+            size = int(state.nbytes)
+        else:
+            size = memoryview(state).nbytes
+        return int(self.tokens.nbytes) + size + extra
 
 
 def check_state(state: Buffer, n_tokens: int) -> seqstate.SeqState:

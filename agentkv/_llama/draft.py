@@ -187,6 +187,8 @@ def _row(ctx: Any, i: int, n_vocab: int) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
 
 
+# One generator on purpose (~60 lines of code past its docstring): Llama's bookkeeping must
+# be what its own generate leaves at every yield, and one loop keeps that invariant in one place.
 def drafted_generate(llm: Any, tokens: Sequence[int], cfg: NgramDraft, reset: bool,
                      on_check: Optional[Callable[[int, int], None]] = None
                      ) -> Generator[int, Optional[Sequence[int]], None]:

@@ -19,7 +19,7 @@ import ctypes
 import json
 import logging
 import os
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import xxhash
@@ -124,7 +124,7 @@ class Engine:
         format, the model's content, every setting of the context that changes the KV it
         computes or how it reads it, and the machine and build that compute it
         (agentkv/_llama/settings.py), as llama.cpp reports them."""
-        fields = {
+        fields: Dict[str, Any] = {
             "format": FORMAT_ID,
             "llama_cpp": llama_cpp.__version__,
             "model": model_hash,
@@ -258,7 +258,7 @@ class Engine:
         """Route the Llama's ``generate`` through the guard, and its ``eval`` through the
         batch bookkeeping of :attr:`cold_exact` (instance attributes)."""
         if not self._installed:
-            self.llm.generate = self._guarded_generate  # type: ignore[method-assign]
+            self.llm.generate = self._guarded_generate  # type: ignore[method-assign,assignment]
             self.llm.eval = self._tracked_eval  # type: ignore[method-assign]
             self._installed = True
 

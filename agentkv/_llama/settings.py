@@ -196,9 +196,9 @@ class AdapterLog:
             return rc
 
         for mod in (_low, llama_cpp):
-            mod.llama_adapter_lora_init = llama_adapter_lora_init  # type: ignore[assignment]
-            mod.llama_set_adapters_lora = llama_set_adapters_lora  # type: ignore[assignment]
-            mod.llama_set_adapter_cvec = llama_set_adapter_cvec  # type: ignore[assignment]
+            setattr(mod, "llama_adapter_lora_init", llama_adapter_lora_init)
+            setattr(mod, "llama_set_adapters_lora", llama_set_adapters_lora)
+            setattr(mod, "llama_set_adapter_cvec", llama_set_adapter_cvec)
 
     def _record(self, ctx: Any, kind: str, value: Any) -> None:
         with self._lock:

@@ -8,12 +8,13 @@ what the memory holds (the context is read under the memory's lock).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .._format.image import RestoreImage
 from .._format.snapshot import Snapshot
+from .._store.disk import DiskStore, NoDisk
 from .._store.records import Record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,7 +31,7 @@ class Inspection:
         self._mem = mem
 
     @property
-    def _store(self):  # type: ignore[no-untyped-def]
+    def _store(self) -> Union[DiskStore, NoDisk]:
         return self._mem._tiers.store
 
     # -- the disk tier --------------------------------------------------------------------
@@ -67,7 +68,7 @@ class Inspection:
     def ram_layout(self, agent_id: str) -> Optional[str]:
         """How the agent's RAM snapshot is kept: "image" (in the layout a restore loads, its
         padding on the zero page), "compact", or None if it is not in RAM."""
-        snap = self._mem._ram.peek(agent_id)
+        snap = self._mem._res.ram.peek(agent_id)
         if snap is None:
             return None
         return "image" if isinstance(snap.state, RestoreImage) else "compact"
@@ -75,7 +76,7 @@ class Inspection:
     def live(self) -> Tuple[Optional[str], np.ndarray]:
         """The agent whose KV the context holds (None: none) and its tokens."""
         with self._mem._exclusive():
-            return self._mem._live, self._mem._engine.tokens()
+            return self._mem._res.live, self._mem._engine.tokens()
 
     def live_state_bytes(self) -> int:
         """Bytes of the snapshot the live agent's turn would leave in RAM (compact)."""

@@ -25,7 +25,7 @@ from .residency import Residency
 from .saves import Saves
 from .tiers import Tiers
 
-__all__ = ["TurnRunner", "check_agent_id"]
+__all__ = ["TurnRunner", "check_agent_id", "flush_at_exit"]
 
 log = logging.getLogger("agentkv.memory")
 
@@ -36,6 +36,18 @@ def check_agent_id(agent_id: Any) -> str:
     if not agent_id:
         raise InvalidAgentId("agent id must not be empty")
     return agent_id
+
+
+def flush_at_exit(mem: "TurnRunner") -> Callable[[], None]:
+    """An exit hook that lets the writer finish the saves queued when the interpreter exits
+    without close() (the writer is a daemon thread, stopped at exit); holds no reference."""
+    ref = weakref.ref(mem)
+
+    def flush() -> None:
+        m = ref()
+        if m is not None and not m._closed:
+            m._saves.writer.drain()
+    return flush
 
 
 class TurnRunner:

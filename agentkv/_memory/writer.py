@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from .._format.snapshot import Snapshot
 
@@ -15,7 +15,6 @@ __all__ = ["SaveJob", "CutJob", "Job", "WriteBehind"]
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
 YIELD_SECONDS = 0.5  # longest a save waits for a first token at each step (never starved)
 
 
@@ -53,7 +52,7 @@ class WriteBehind:
 
     def __init__(self, write: Callable[[Job], None]) -> None:
         self._write = write
-        self._queue: "queue.Queue[object]" = queue.Queue()
+        self._queue: "queue.Queue[Optional[Tuple[Job, threading.Event]]]" = queue.Queue()  # None: stop
         self._pending: Dict[str, threading.Event] = {}  # agent -> its newest save's event
         self._lock = threading.Lock()
         self._may_run = threading.Event()
@@ -110,16 +109,16 @@ class WriteBehind:
 
     def close(self) -> None:
         self.release()
-        self._queue.put(_STOP)
+        self._queue.put(None)
         self._thread.join()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             try:
-                if item is _STOP:
+                if item is None:
                     return
-                job, done = item  # type: ignore[misc]
+                job, done = item
                 try:
                     self._write(job)
                 except Exception:  # noqa: BLE001 - a failed write must not kill the writer

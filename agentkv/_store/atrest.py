@@ -107,7 +107,7 @@ def from_rest(shape: Shape, piece: Piece, code: int, lazy: bool = False) -> Piec
     if lazy and not shape.caches[piece.cache][piece.stream].v_trans:  # type: ignore[union-attr]
         return rest
     out = np.empty(rest.nbytes, dtype=np.uint8)
-    views = [memoryview(out[:piece.cells_len])] + [memoryview(out[off:off + n])
+    views = [out[:piece.cells_len].data] + [out[off:off + n].data
                                                    for off, n, _ in regions]
     rest.read_into(views)
     return Piece(piece.cache, piece.stream, piece.pos0, piece.count, piece.cells_len, out)

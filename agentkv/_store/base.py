@@ -158,6 +158,10 @@ class StoreBase:
             log.warning("dropping the damaged record %s", key)
             self._cache.delete(key)
 
+    def _collect_unheld(self) -> int:
+        """Delete every payload no record holds, the write lock held (writes.py)."""
+        raise NotImplementedError
+
     def db_bytes(self) -> int:
         """Bytes of the SQLite files, which the disk budget counts too."""
         total = 0
@@ -306,7 +310,7 @@ class StoreBase:
         with f:
             size = os.fstat(f.fileno()).st_size
             view = into.take(size)
-            if f.readinto(memoryview(view)) != size:
+            if f.readinto(view.data) != size:
                 raise CorruptEntry(f"payload {key} changed size while it was read")
         return view
 

@@ -27,10 +27,11 @@ which every writer also holds from its first block to its record.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .._format.snapshot import Snapshot
 from .keys import agent_key, file_identity, mismatch
 from .reads import StoreReads
 from .records import Record
@@ -75,16 +76,17 @@ class NoDisk:
     def chain_of(self, tokens: np.ndarray, fingerprint: bytes) -> List[str]:
         return []
 
-    def get(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def get(self, *args: Any, **kwargs: Any) -> Tuple[Optional[Snapshot], int]:
         return None, 0
 
-    def find_prefix(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def find_prefix(self, *args: Any, **kwargs: Any
+                    ) -> Tuple[Optional[Snapshot], int, Optional[str]]:
         return None, 0, None
 
-    def plan_cut(self, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    def plan_cut(self, *args: Any, **kwargs: Any) -> int:
         return 0
 
-    def put(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def put(self, *args: Any, **kwargs: Any) -> Tuple[Optional[Record], int]:
         raise OSError(f"the cache folder {self.directory} could not be opened ({self.reason})")
 
     put_cut = put

@@ -27,17 +27,17 @@ log = logging.getLogger(__name__)
 class SafeDisk(diskcache.Disk):
     """A diskcache ``Disk`` that stores and returns raw bytes only, never pickles."""
 
-    def get(self, key, raw):  # type: ignore[override]
+    def get(self, key, raw):
         if not raw:
             raise CorruptEntry("cache index holds a pickled key; refusing to unpickle it")
         return super().get(key, raw)
 
-    def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[override]
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
         if type(value) is not bytes:
             raise TypeError(f"SafeDisk stores bytes only, not {type(value).__name__}")
         return super().store(value, read, key)
 
-    def fetch(self, mode, filename, value, read):  # type: ignore[override]
+    def fetch(self, mode, filename, value, read):
         if mode == diskcache.core.MODE_RAW:
             result = super().fetch(mode, filename, value, read)
             if not isinstance(result, bytes):
@@ -51,7 +51,7 @@ class SafeDisk(diskcache.Disk):
         with f:
             return f.read()
 
-    def _write(self, full_path, iterator, mode, encoding=None):  # type: ignore[override]
+    def _write(self, full_path, iterator, mode, encoding=None):
         """diskcache's write, minus what a failed one leaves: a half-written file that no row
         names (a full disk), removed at once instead of by the next ``gc``."""
         try:

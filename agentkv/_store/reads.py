@@ -18,7 +18,8 @@ from ..errors import CorruptEntry, FingerprintMismatch
 from .atrest import from_rest
 from .base import StoreBase
 from .keys import Overlay, agent_key, mismatch, record_key
-from .records import Record, blocks_digest, chain_keys, decode_block, decode_tail, open_block
+from .records import Record
+from .payloads import blocks_digest, chain_keys, decode_block, decode_tail, open_block
 
 __all__ = ["StoreReads"]
 
@@ -147,7 +148,7 @@ class StoreReads(StoreBase):
         fingerprint = bytes.fromhex(r.fingerprint)
         if r.kind == "agent":
             snap, nread = self.get(r.name, fingerprint, remote=remote)
-            if snap is None:
+            if snap is None or not isinstance(snap.state, StoredPieces):
                 raise CorruptEntry("manifest vanished while it was checked")
             check_state(seqpieces.assemble(snap.state.shape, snap.state.pieces), snap.n_tokens)
             return nread

@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import xxhash
 
 from .records import Record
+from .redis_scripts import CLAIM, DROP, PUBLISH, RELEASE
 from ..config import SharedTier
 from ..errors import ConfigError, CorruptEntry, FingerprintMismatch
 from .keys import mismatch
@@ -43,47 +44,6 @@ __all__ = ["RedisTier", "Remote"]
 log = logging.getLogger(__name__)
 
 EXTRA_HINT = "the shared tier needs the redis client: pip install 'agentkv[redis]'"
-
-# KEYS: manifest, lease. ARGV: this turn's lease token, this worker's token prefix, lease ms.
-# A lease held by another worker: {0, holder, gen, rec}; else take it: {1, holder, gen, rec}.
-_CLAIM = """
-local holder = redis.call('GET', KEYS[2])
-local m = redis.pcall('HMGET', KEYS[1], 'gen', 'rec')
-if type(m) ~= 'table' or m.err then m = {false, false} end
-if holder and string.sub(holder, 1, string.len(ARGV[2])) ~= ARGV[2] then
-  return {0, holder, m[1], m[2]}
-end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-return {1, ARGV[1], m[1], m[2]}
-"""
-
-# KEYS: manifest, lease. ARGV: gen, record bytes, ttl s (0: none), lease token.
-# Accepted over an older (or unreadable) generation: {1, gen}; else refused: {0, held gen}.
-# Either way, this turn's lease is released.
-_PUBLISH = """
-if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
-local cur = redis.pcall('HGET', KEYS[1], 'gen')
-if type(cur) == 'table' then cur = false end
-if cur and tonumber(cur) and tonumber(cur) >= tonumber(ARGV[1]) then
-  return {0, cur}
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'rec', ARGV[2])
-if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return {1, ARGV[1]}
-"""
-
-# KEYS: manifest. ARGV: the record bytes found damaged: deleted unless replaced meanwhile.
-_DROP = """
-if redis.call('HGET', KEYS[1], 'rec') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 @dataclass(frozen=True)
 class Remote:
@@ -128,8 +88,8 @@ class RedisTier:
         except ValueError as exc:
             raise ConfigError(f"shared={cfg.url!r} is not a Redis URL: {exc}") from exc
         self._scripts = {name: self._client.register_script(src) for name, src in
-                         (("claim", _CLAIM), ("publish", _PUBLISH), ("release", _RELEASE),
-                          ("drop", _DROP))}
+                         (("claim", CLAIM), ("publish", PUBLISH), ("release", RELEASE),
+                          ("drop", DROP))}
         self._me = uuid.uuid4().hex[:16] + ":"
         self._turns = 0
         self._lock = threading.Lock()
@@ -188,6 +148,7 @@ class RedisTier:
         with self._lock:
             self._turns += 1
             token = f"{self._me}{self._turns}"
+        held: Optional[str] = token  # the lease this turn holds (None: waited out)
         ms = str(int(self.cfg.lease * 1000))
         start = time.monotonic()
         deadline = start + self.cfg.wait
@@ -203,16 +164,16 @@ class RedisTier:
             if now >= deadline:
                 log.warning("agent %r: another worker's turn has held it for %.1f s; going on "
                             "from the last published state", agent_id, self.cfg.wait)
-                token = None
+                held = None
                 break
             time.sleep(min(0.01, deadline - now))
         if int(out[0]) != 1 or time.monotonic() - start > 0.05:
             self._count(shared_wait_seconds=time.monotonic() - start)
         gen, rec = out[2], out[3]
         if not rec:
-            return None, token
+            return None, held
         try:
-            return self._remote(agent_id, gen, rec), token
+            return self._remote(agent_id, gen, rec), held
         except (CorruptEntry, FingerprintMismatch) as exc:
             log.warning("agent %r: its manifest on the shared tier is not restored: %s",
                         agent_id, exc)
@@ -220,7 +181,7 @@ class RedisTier:
             if isinstance(exc, CorruptEntry) and not exc.future:  # damaged: would block
                 self._run("deleting a damaged manifest",  # every later publish
                           lambda: self._scripts["drop"](keys=[manifest], args=[rec]))
-            return None, token
+            return None, held
 
     def _remote(self, agent_id: str, gen: Any, rec: Any) -> Remote:
         r = Record.from_bytes(rec)
@@ -369,19 +330,24 @@ class RedisTier:
                     continue
                 raw = self._client.hget(key, "rec") if kind == "agent/" else self._client.get(key)
                 if raw is not None:
-                    yield k[:at + 1], bytes(raw)
+                    yield k[:at + 1], _raw(raw)
                 break
 
     def read(self, prefix: str, keys: List[str]) -> Dict[str, Optional[bytes]]:
         """Payloads under another prefix, for inspection (raises what redis-py raises)."""
         got = self._client.mget([prefix + k for k in keys]) if keys else []
-        return {k: (bytes(v) if v is not None else None) for k, v in zip(keys, got)}
+        return {k: (_raw(v) if v is not None else None) for k, v in zip(keys, got)}
 
     def close(self) -> None:
         try:
             self._client.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _raw(v: Any) -> bytes:
+    """A value as redis-py returns it (bytes; str only with decode_responses) as bytes."""
+    return v.encode("utf-8", "surrogateescape") if isinstance(v, str) else bytes(v)
 
 
 def _text(v: Any) -> str:

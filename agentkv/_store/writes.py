@@ -13,11 +13,12 @@ import diskcache
 from .._format import pieces as seqpieces
 from .._format import seqstate
 from .._format.image import RestoreImage
-from .._format.snapshot import Snapshot
+from .._format.snapshot import Snapshot, StoredPieces
 from .atrest import to_rest
 from .base import StoreBase
 from .keys import agent_key
-from .records import BlockPayload, Record, Tail, blocks_digest, chain_keys, encode_tail, seal_block
+from .records import Record
+from .payloads import BlockPayload, Tail, blocks_digest, chain_keys, encode_tail, seal_block
 
 __all__ = ["StoreWrites"]
 
@@ -39,6 +40,8 @@ class StoreWrites(StoreBase):
         if isinstance(snap.state, RestoreImage):  # split as its compact form, from its views
             parsed = snap.state.parsed
             shape, pieces = snap.state.split_views(B)
+        elif isinstance(snap.state, StoredPieces):
+            raise TypeError("a snapshot read from disk is saved as it was read, not again")
         else:
             parsed = seqstate.parse(snap.state)
             shape, pieces = seqpieces.split_views(snap.state, B, parsed)
@@ -138,17 +141,19 @@ class StoreWrites(StoreBase):
         key = agent_key(agent_id)
         with self._write_lock.held():
             step = self._renewing(pause)
+            tail = r.tail
+            assert tail is not None  # an agent's record names its tail
             sizes: Dict[str, int] = {}
             wrote: List[str] = []
             try:
                 written = self._write_blocks(blocks, sizes, step, wrote, sink)
                 if sink is not None:
-                    sink[r.tail] = tail_payload
-                sizes[r.tail] = len(tail_payload)
-                if r.tail not in self._cache:
+                    sink[tail] = tail_payload
+                sizes[tail] = len(tail_payload)
+                if tail not in self._cache:
                     step()
-                    self._cache.set(r.tail, tail_payload)
-                    wrote.append(r.tail)
+                    self._cache.set(tail, tail_payload)
+                    wrote.append(tail)
                     written += len(tail_payload)
                 self._commit(key, r, sizes, keep=key)
             except BaseException:
