@@ -83,7 +83,7 @@ class AgentMemory(TurnRunner):
         at_rest: None (default: exact) or a quantized row format for float16 KV on disk:
             "q8_0", "q4_0", "q4_1" or "iq4_nl" (ggml's layouts). Smaller and not exact:
             restores from disk are close to, not equal to, a never-evicted agent (RAM restores
-            stay exact); benchmarks/kv_quality.py measures the difference. Logits are not
+            stay exact); benchmarks/kv_density.py --quality measures it. Logits are not
             carried on disk in this mode (a resume replays the last token on the restored
             KV). Part of the fingerprint: KV stored under another setting is not restored.
         ram_laid_out: keep RAM snapshots of sliding-window models in the layout a restore

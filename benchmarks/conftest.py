@@ -1,9 +1,9 @@
 """pytest-benchmark suite: restore vs re-prefill, save, block assembly, transcode.
 
 Run it with ``.venv/bin/python -m pytest benchmarks --benchmark-only`` (add
-``--benchmark-json bench.json`` for the figures). Without ``--benchmark-only`` every benchmark here
-is skipped, so collecting this folder never slows a test run; ``pytest tests`` does not collect it
-at all. ``AGENTKV_BENCH_SIZES`` (default 512,2000,4000) sets the context lengths,
+``--benchmark-json bench.json`` for the figures), or once untimed with ``--benchmark-disable``.
+Without one of the two every benchmark here is skipped, so collecting this folder never slows a
+test run; ``pytest tests`` does not collect it at all. ``AGENTKV_BENCH_SIZES`` (default 512,2000,4000) sets the context lengths,
 ``AGENTKV_BENCH_ROUNDS`` (default 5) and ``AGENTKV_BENCH_PREFILL_ROUNDS`` (default 2) set
 the measured rounds of the fast and of the re-prefill benchmarks.
 """
@@ -28,9 +28,11 @@ PREFILL_ROUNDS = int(os.environ.get("AGENTKV_BENCH_PREFILL_ROUNDS", "2"))
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("benchmark_only", default=False):
+    if config.getoption("benchmark_only", default=False) or \
+            config.getoption("benchmark_disable", default=False):
         return
-    skip = pytest.mark.skip(reason="benchmark: run with `pytest benchmarks --benchmark-only`")
+    skip = pytest.mark.skip(reason="benchmark: run with `pytest benchmarks --benchmark-only` "
+                                   "(or once, untimed, with --benchmark-disable)")
     for item in items:
         if HERE in Path(str(item.fspath)).parents:
             item.add_marker(skip)
@@ -38,8 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def bench_llm() -> Llama:
-    llm = Llama(model_path=bu.default_model(), n_ctx=max(SIZES) + 512, flash_attn=True,
-                n_threads=int(os.environ.get("AGENTKV_BENCH_THREADS", "2")), verbose=False)
+    llm = bu.load_llm(None, max(SIZES) + 512, int(os.environ.get("AGENTKV_BENCH_THREADS", "2")))
     yield llm
     llm.close()
 

@@ -29,7 +29,6 @@ the first-token time and the token count are exact.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,8 @@ import llama_cpp
 from llama_cpp import Llama
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import Progress, add_common_args, machine, parse_common  # noqa: E402
+from benchutil import (Progress, add_common_args, load_llm, machine, machine_line,  # noqa: E402
+                       parse_common, write_json)
 
 from agentkv import AgentMemory  # noqa: E402
 
@@ -250,8 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="measure the identity rate over N turns instead of speed")
     ap.add_argument("--n-ctx", type=int, default=4096)
     args = parse_common(ap, argv)
-    llm = Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
-                flash_attn=True, verbose=False)
+    llm = load_llm(args.model, args.n_ctx, args.threads)
     report: Dict[str, Any] = {"machine": machine(), "model": os.path.basename(args.model),
                               "threads": args.threads, "max_tokens": args.max_tokens}
     if args.identity:
@@ -273,9 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
             print(f"{name:8s} {r['kind']:5s} {r['tokens']:6d} {r['plain_tok_s']:8.1f} "
                   f"{r['draft_tok_s']:8.1f} {r['speedup']:6.2f} {acc:>7s} {r['identical']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    print(machine_line(report["machine"]))
+    write_json(args.json, report)
     return 0
 
 

@@ -337,9 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--workdir", default=None)
     args = bu.parse_common(ap, argv)
     logging.basicConfig(level=logging.ERROR)
-    from llama_cpp import Llama
-    llm = Llama(model_path=args.model, n_ctx=2048, flash_attn=True, n_threads=args.threads,
-                verbose=False)
+    llm = bu.load_llm(args.model, 2048, args.threads)
     import tempfile
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="agentkv-fuzz-"))
     t0 = time.time()
@@ -355,9 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary.update(machine=bu.machine(),
                    seed=args.seed, wall_seconds=round(time.time() - t0, 1))
     print(json.dumps(summary, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary,
-                                               "trials": [asdict(t) for t in results]}, indent=2))
+    print(bu.machine_line(summary["machine"]))
+    bu.write_json(args.json, {"summary": summary, "trials": [asdict(t) for t in results]})
     return 0 if not (summary["wrong_answers"] or summary["exceptions_to_caller"]
                      or summary["agents_unhealed_after_one_save"] or summary["verify_missed"]) else 1
 

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchutil import Progress, add_common_args, machine, parse_common  # noqa: E402
+from benchutil import (Progress, add_common_args, load_llm, machine, machine_line,  # noqa: E402
+                       parse_common, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = "You are a careful engineer on a team. " + " ".join(
@@ -100,7 +101,6 @@ def opening(agent: str) -> list:
 
 
 def ttft(args: Any, progress: Progress) -> Dict[str, Any]:
-    from llama_cpp import Llama
 
     from agentkv import AgentMemory
     agents = ["planner", "coder", "critic"]
@@ -120,9 +120,8 @@ def ttft(args: Any, progress: Progress) -> Dict[str, Any]:
                     progress.step("http")
         finally:
             server.stop()
-        llm = Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
-                    n_threads_batch=args.threads, flash_attn=True, chat_format="gemma",
-                    verbose=False)
+        llm = load_llm(args.model, args.n_ctx, args.threads, n_threads_batch=args.threads,
+                       chat_format="gemma")
         local: List[float] = []
         with AgentMemory(llm, cache_dir=os.path.join(root, "local")) as mem:
             hist = {a: opening(a) for a in agents}
@@ -207,9 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{report['ttft']['inprocess_ttft_ms']:.1f} ms (+{report['ttft']['overhead_ms']:.1f} ms)")
     print(f"aggregate: 1 worker {one['tokens_per_s']:.1f} tok/s, 2 workers "
           f"{two['tokens_per_s']:.1f} tok/s (x{report['two_over_one']:.2f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    print(machine_line(report["machine"]))
+    write_json(args.json, report)
     return 0
 
 

@@ -1,6 +1,15 @@
 """Restore vs re-prefill at 512, 2,000 and 4,000 tokens; save; block assembly; transcode.
 
     .venv/bin/python -m pytest benchmarks --benchmark-only --benchmark-json bench.json
+    # transcode only, every at-rest format, native kernels against their numpy twins:
+    .venv/bin/python -m pytest benchmarks --benchmark-only -k transcode --benchmark-json transcode.json
+    # each benchmark once, untimed (a check that the suite runs):
+    .venv/bin/python -m pytest -q benchmarks --benchmark-disable -x
+
+pytest-benchmark prints min/max/mean/median per benchmark and writes the machine
+(``machine_info``) into its JSON. Transcode rows carry ``extra_info`` fmt, backend
+(native / numpy), isa, and mb_s: MB/s of float16 (encode's input, decode's output) at the
+median, over ``AGENTKV_BENCH_TRANSCODE_MB`` (default 8) MB of KV-like f16 rows.
 
 Each agentkv benchmark asserts that what it timed really was the path it names (source and
 prompt tokens evaluated from ``mem.last_turn``), so a silent prefill cannot pass as a restore.
@@ -9,13 +18,14 @@ The bare llama.cpp calls (``seq_get_data`` / ``seq_set_data``) are the floor to 
 
 from __future__ import annotations
 
-import importlib
+import os
 
 import numpy as np
 import pytest
 
 import benchutil as bu
 from agentkv import AgentMemory
+from agentkv._quant import kernels as quant
 from conftest import PREFILL_ROUNDS, ROUNDS, SIZES
 
 
@@ -95,42 +105,57 @@ def test_bare_set_data(benchmark, bench_llm, context, n):
     assert times
 
 
-def _optional(module: str, names):
-    """The first of ``names`` in agentkv's ``module``, or skip (the feature has not landed)."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        pytest.skip(f"{module} is not in this agentkv")
-    for name in names:
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn
-    pytest.skip(f"{module} has none of {', '.join(names)}")
+BACKENDS = {"native": quant.NATIVE, "numpy": quant.TWIN}
+# KV-like float16 input: 256-value rows (Gemma 3 270M's head size), heavy-tailed like real K/V
+TRANSCODE_MB = float(os.environ.get("AGENTKV_BENCH_TRANSCODE_MB", "8"))
 
 
-KV_ROWS = (4000, 256)  # 4,000 tokens' worth of one layer's K rows (Gemma 3 270M: 256 per row)
+@pytest.fixture(scope="module")
+def kv_rows() -> np.ndarray:
+    n = int(TRANSCODE_MB * 1e6 / 2) // 256 * 256
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal(n) * rng.gamma(1.0, 1.0, n)).astype(np.float16)
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_transcode_encode(benchmark, fmt):
-    """f16 KV rows -> q8_0/q4_0 at rest (issue 4's agentkv._quant.kernels.encode)."""
-    encode = _optional("agentkv._quant.kernels", ["encode"])
-    rows = np.random.default_rng(0).standard_normal(KV_ROWS).astype(np.float16)
-    benchmark.extra_info.update(values=rows.size, fmt=fmt)
-    out = benchmark(encode, rows, fmt)
-    assert out.nbytes < rows.nbytes
+def _kernels(backend: str):
+    k = BACKENDS[backend]
+    if k is None:
+        pytest.skip("native kernels not built")
+    return k
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_transcode_decode(benchmark, fmt):
-    """q8_0/q4_0 at rest -> f16 rows for the live context (agentkv._quant.kernels.decode)."""
-    encode = _optional("agentkv._quant.kernels", ["encode"])
-    decode = _optional("agentkv._quant.kernels", ["decode"])
-    rows = np.random.default_rng(0).standard_normal(KV_ROWS).astype(np.float16)
-    packed = encode(rows, fmt)
-    benchmark.extra_info.update(values=rows.size, fmt=fmt)
-    out = benchmark(decode, packed, fmt)
-    assert out.size == rows.size
+def _record_mb_s(benchmark, nbytes: int) -> None:
+    """MB/s of float16 (encode's input, decode's output) at the median, when timed."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        benchmark.extra_info["mb_s"] = nbytes / stats.stats.median / 1e6
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_transcode_encode(benchmark, kv_rows, fmt, backend):
+    """f16 KV rows -> an at-rest format (agentkv._quant.kernels.encode), native or numpy twin."""
+    k = _kernels(backend)
+    out = np.empty(quant.encoded_size(kv_rows.size, fmt), dtype=np.uint8)
+    benchmark.extra_info.update(values=int(kv_rows.size), fmt=fmt, backend=backend,
+                                isa=k.isa, f16_bytes=int(kv_rows.nbytes))
+    got = benchmark(quant.encode, kv_rows, fmt, out=out, kernels=k)
+    _record_mb_s(benchmark, kv_rows.nbytes)
+    assert got.nbytes < kv_rows.nbytes
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_transcode_decode(benchmark, kv_rows, fmt, backend):
+    """An at-rest format -> f16 rows for the live context (agentkv._quant.kernels.decode)."""
+    k = _kernels(backend)
+    packed = quant.encode(kv_rows, fmt)
+    out = np.empty(kv_rows.size, dtype=np.float16)
+    benchmark.extra_info.update(values=int(kv_rows.size), fmt=fmt, backend=backend,
+                                isa=k.isa, f16_bytes=int(kv_rows.nbytes))
+    got = benchmark(quant.decode, packed, fmt, out=out, kernels=k)
+    _record_mb_s(benchmark, kv_rows.nbytes)
+    assert got.size == kv_rows.size
 
 
 @pytest.mark.parametrize("n", SIZES)

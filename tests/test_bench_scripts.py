@@ -1,4 +1,4 @@
-"""The TTFT benchmark runs end to end at a toy size and writes what BENCHMARKS.md reads."""
+"""The benchmark scripts run end to end at toy sizes and write what BENCHMARKS.md reads."""
 
 from __future__ import annotations
 
@@ -79,3 +79,43 @@ def test_agent_memory_bench_measures_the_shared_tier(tmp_path):
         assert not list(server.client.scan_iter())  # the benchmark's namespace is gone
     finally:
         server.stop()
+
+
+def test_agent_memory_bench_measures_new_agents_sharing_a_system_prompt(tmp_path):
+    """--new-agents: a new agent's first turn starts from the members' stored system prompt."""
+    bench = load("agent_memory_bench")
+    out = tmp_path / "new.json"
+    assert bench.main(["--agents", "2", "--rounds", "2", "--ctx-tokens", "600", "--turn-tokens",
+                       "0", "--max-tokens", "2", "--new-agents", "1", "--system-tokens", "540",
+                       "--cache-root",
+                       str(tmp_path), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    new = doc["new_agents"]
+    assert new["system_tokens"] == 540 and new["tiers"] == ["prefix"]
+    assert 0 < new["evaluated_median"] <= new["bound"] < new["prompt_tokens"]
+    assert new["cold_evaluated_median"] == new["prompt_tokens"]
+    assert new["prefix"]["median_ms"] > 0 and new["cold"]["median_ms"] > 0
+    assert {t["mode"] for t in doc["new_agent_turns"]} == {"prefix", "cold"}
+
+
+def test_kv_density_measures_bytes_restores_team_saves_and_quality(tmp_path):
+    bench = load("kv_density")
+    out, png = tmp_path / "density.json", tmp_path / "density.png"
+    assert bench.main(["--ctx-tokens", "300", "--modes", "f16,at-rest-q8_0", "--repeats", "1",
+                       "--team", "2", "--system-tokens", "520", "--task-tokens", "20",
+                       "--saves-tokens", "300", "--save-step", "20", "--save-turns", "2",
+                       "--quality", "--quality-formats", "q8_0", "--continue", "4",
+                       "--workdir", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["versions"]["agentkv"]
+    f16, q8 = doc["modes"]
+    assert f16["mode"] == "f16" and q8["mode"] == "at-rest-q8_0"
+    assert q8["kv_smaller_than_f16"] > 1.5 and q8["disk_bytes"] < f16["disk_bytes"]
+    assert all(r["restore_ms"] > 0 and r["prefill_ms"] > 0 for r in doc["modes"])
+    assert set(doc["quality"]["formats"]) == {"exact", "1-ulp", "q8_0"}
+    assert doc["quality"]["formats"]["exact"]["top1"] == 1.0 and q8["quality"]["kl"] >= 0
+    team = doc["teams"][0]
+    assert team["team"] == 2 and team["cuts"] == [512]  # the shared prefix, stored once
+    assert team["sum_of_states"] > team["disk_bytes"] * 0.5
+    assert len(doc["saves"]["per_save_bytes"]) == 2 and doc["saves"]["bytes_per_token"] > 0
+    assert png.stat().st_size > 0

@@ -20,7 +20,7 @@ values are all below 1e-15 in magnitude gets nibbles 8 (ggml leaves scratch byte
 both decode to zeros.
 
 Which 4-bit format: iq4_nl has q4_0's size and measures better on Gemma 3 KV (mean KL vs an
-exact restore 2.1e-2 against q4_0's 3.5e-2, see ``benchmarks/kv_quality.py``); q4_1 costs 11%
+exact restore 2.1e-2 against q4_0's 3.5e-2, see ``benchmarks/kv_density.py --quality``); q4_1 costs 11%
 more bytes and lands in between.
 
 Two backends give bit-identical output: the native kernels (``native/quant.c``, built by

