@@ -14,6 +14,9 @@ Commands (BENCHMARKS.md and the README's table come from them; run on a quiet ma
     .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --rounds 2 --turn-tokens 0 \\
         --ctx-tokens 1536 --system-tokens 1024 --new-agents 1 --repeats 3 --json new_agents.json
     # (the same with --block-tokens 128 / 512: BENCHMARKS.md section 3's other rows)
+    # agentkv's peers in the same run: llama-cpp-python's LlamaRAMCache and LlamaDiskCache
+    .venv/bin/python benchmarks/agent_memory_bench.py --agents 4 --ram-slots 1 --rounds 3 \\
+        --ctx-tokens 4000 --turn-tokens 64 --peers ram,disk --json peers_4000.json
 
 Schedule: N agents, each with its own ~T-token context (round 0 builds them cold), visited
 round-robin, so with K RAM slots most returns come from disk. Then R-1 rounds of *resume*
@@ -39,6 +42,11 @@ disk, plus the bytes agentkv read at the read bandwidth measured on the cache's 
 Prints one line per turn (stderr) and a progress bar, then medians, p90s and ratios; ``--json``
 writes everything (machine, versions, per-turn rows, summary); ``--plot`` draws TTFT per turn
 (or, with ``--ctx-sweep``, the speedup against context length).
+
+``--peers ram,disk`` (or ``all``) adds, in the same run, on the same Llama and prompts,
+llama-cpp-python's own caches through ``llm.set_cache``: ``LlamaRAMCache`` and ``LlamaDiskCache``,
+what a llama-cpp-python user picks today (benchmarks/peers.py says how they behave). Reported
+per return kind against naive and agentkv, with the prefix each cache held for the prompt.
 
 ``--shared URL`` adds, in the same run, the schedule on two workers (two Llamas in this
 process, each with its own cache_dir, one Redis): every return lands on the worker that did
@@ -74,6 +82,7 @@ from agentkv import AgentMemory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchutil as bu  # noqa: E402
+import peers as peermod  # noqa: E402
 
 TOPICS = ["the migration plan", "the failing test suite", "the release notes", "the cost model",
           "the cache design", "the API review", "the user study", "the security audit"]
@@ -548,7 +557,9 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
                                 args.block_tokens)  # also the warm-up
     sched = schedule(args)
     n_returning = (len(sched) - 1) * n_agents
-    per_rep = len(sched) * n_agents * (2 if second is not None else 1) + n_returning
+    names = peer_names(args)
+    per_rep = (len(sched) * n_agents * (2 if second is not None else 1) + n_returning
+               + len(names) * len(sched) * n_agents)
     progress = bu.Progress(args.repeats * per_rep, label=f"ctx {ctx_tokens}")
     shared_rows: List[dict] = []
     shared_totals: Dict[str, int] = {}
@@ -575,6 +586,9 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
         rows += ours
         rows += run_naive_and_floor(llm, args, prompts, progress)
         attach_floors([x for x in rows if x.get("repeat") == rep], bandwidth)
+        if names:
+            rows += peermod.run_peers(llm, names, args, contexts, extra, sched, prompts, rep,
+                                      ttft_and_decode, progress)
         if second is not None:
             got, totals = run_shared([llm, second], args, contexts, extra, ram_budget, rep,
                                      progress)
@@ -590,6 +604,8 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
     point = {"ctx_tokens": ctx_tokens, "ram_budget": ram_budget, "disk_bytes": disk_bytes,
              "hits": hits, "read_bandwidth": bandwidth,
              "cache_fs": cache_fs, "summary": summary, "turns": rows}
+    if names:
+        point["peers"] = peermod.summarize_peers(rows, names)
     if second is not None:
         point.update({"shared_summary": summarize_shared(rows, shared_rows),
                       "shared_totals": shared_totals, "shared_turns": shared_rows})
@@ -618,6 +634,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG: TTFT per turn (or speedup per context)")
     ap.add_argument("--shared", default=None, metavar="URL",
                     help="also run the schedule on two workers sharing this Redis")
+    ap.add_argument("--peers", default=None, metavar="ram,disk",
+                    help="also run llama-cpp-python's LlamaRAMCache / LlamaDiskCache (llm.set_cache) "
+                         "on the same Llama and prompts; 'all' for both")
     ap.add_argument("--block-tokens", type=int, default=256, help="AgentMemory(block_tokens=)")
     ap.add_argument("--new-agents", type=int, default=0, metavar="K",
                     help="also time K new agents' first turns, sharing a system prompt")
@@ -627,6 +646,17 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.agents < 1 or args.rounds < 2 or args.repeats < 1:
         ap.error("need --agents >= 1, --rounds >= 2, --repeats >= 1")
     return args
+
+
+def peer_names(args) -> List[str]:
+    """The peers ``--peers`` names ("ram", "disk", "all"), in a fixed order."""
+    if not args.peers:
+        return []
+    asked = {"ram", "disk"} if args.peers == "all" else set(args.peers.split(","))
+    unknown = asked - set(peermod.PEERS)
+    if unknown:
+        raise SystemExit(f"--peers: unknown peer(s) {sorted(unknown)}; use ram, disk or all")
+    return [p for p in peermod.PEERS if p in asked]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -647,6 +677,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print_shared(point)
             if args.new_agents:
                 print_new_agents(point)
+            if "peers" in point:
+                peermod.print_peers(point["peers"], args.turn_tokens)
             points.append(point)
     finally:
         llm.close()

@@ -20,7 +20,7 @@ def test_agent_memory_bench_measures_agentkv_naive_and_floor(tmp_path):
     bench = load("agent_memory_bench")
     out, png = tmp_path / "ttft.json", tmp_path / "ttft.png"
     assert bench.main(["--agents", "2", "--ram-slots", "0", "--rounds", "2", "--ctx-tokens", "200",
-                       "--turn-tokens", "8", "--max-tokens", "2", "--cold-disk",
+                       "--turn-tokens", "8", "--max-tokens", "2", "--cold-disk", "--peers", "all",
                        "--cache-root", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
     doc = json.loads(out.read_text())
     assert doc["machine"]["versions"]["llama_cpp_python"]
@@ -34,6 +34,11 @@ def test_agent_memory_bench_measures_agentkv_naive_and_floor(tmp_path):
     assert all(t["evaluated"] == (0 if t["kind"] == "resume" else 8) for t in returns)
     assert all(t["bytes_read"] > 0 and t["floor_read_s"] > 0 for t in returns)
     assert png.stat().st_size > 0
+    for kind in ("resume", "turn"):  # the peers ran the same prompts on the same Llama
+        for peer in ("ram", "disk"):
+            row = doc["peers"][kind][peer]
+            assert row["returns"] == 2 and row["same_prompts"]
+            assert row["peer"]["median_ms"] > 0 and row["naive_over_peer"] > 0
 
 
 def test_draft_bench_measures_speed_and_identity(tmp_path):
