@@ -32,21 +32,21 @@ from llama_cpp import llama_types
 
 from ._format.buffers import Buffers
 from ._llama.draft import DraftLike, NgramDraft, draft_config
-from ._llama.engine import Engine, hash_file
+from ._llama.engine import Engine
 from ._llama.settings import compute
 from ._memory.counters import Counters
 from ._memory.inspection import Inspection
 from ._memory.policy import Sharing
+from ._memory.prefetch import NextAgent
 from ._memory.ram import RamTier
 from ._memory.residency import Residency
 from ._memory.saves import Saves
 from ._memory.tiers import Tiers
 from ._memory.turns import TurnRunner, check_agent_id, flush_at_exit
 from ._store.atrest import code_of
-from ._store.disk import DiskStore, NoDisk
 from ._store.shared import RedisTier
 from .config import MemoryConfig, SharedTier, SizeLike, shared_config
-from .errors import ConfigError, NotACache, UnknownAgent
+from .errors import ConfigError, UnknownAgent
 from .stats import AgentInfo, MemoryStats, TurnRecord
 
 _DEFAULT: Any = object()  # "the memory's own setting" for per-call options
@@ -104,18 +104,25 @@ class AgentMemory(TurnRunner):
             new blocks and its manifest there; a turn whose agent another worker ran since
             restores that worker's newest turn from it. Local tiers stay in front of it, and
             a slow or dead server costs at most its timeout (README: several workers).
+        prefetch: predict the next agent from the order of recent turns (the one that
+            followed the current agent the last time: round-robin teams, fixed chains) and
+            read its KV from disk into RAM during the current turn (:meth:`prefetch`).
     """
     def __init__(self, llm: Any, cache_dir: Union[str, Path] = "~/.cache/agentkv",
                  ram_budget: SizeLike = "1GiB", disk_budget: SizeLike = "20GiB",
                  block_tokens: int = 256, share_prefixes: Union[bool, str] = True,
                  at_rest: Optional[str] = None, ram_laid_out: bool = True,
-                 draft: DraftLike = None, shared: Union[None, str, SharedTier] = None) -> None:
+                 draft: DraftLike = None, shared: Union[None, str, SharedTier] = None,
+                 prefetch: bool = False) -> None:
         buffers = Buffers()
         self._engine = Engine(llm, buffers=buffers)  # NotALlama first: nothing else is touched
         if not isinstance(ram_laid_out, bool):
             raise ConfigError(f"ram_laid_out must be True or False, not {ram_laid_out!r}")
         self._ram_images = ram_laid_out
         self._draft = draft_config(draft)
+        if not isinstance(prefetch, bool):
+            raise ConfigError(f"prefetch must be True or False, not {prefetch!r}")
+        self._next = NextAgent() if prefetch else None
         if share_prefixes not in (True, False, "any"):
             raise ConfigError(f"share_prefixes must be True, False or 'any', not {share_prefixes!r}")
         cfg = self._config = MemoryConfig.create(cache_dir, ram_budget, disk_budget, block_tokens)
@@ -147,28 +154,6 @@ class AgentMemory(TurnRunner):
         atexit.register(self._at_exit)
         self._closed = False
         log.debug("agentkv memory at %s (fingerprint %s)", cfg.cache_dir, self.fingerprint)
-
-    def _open_store(self, buffers: Buffers) -> Union[DiskStore, NoDisk]:
-        """The disk tier; a folder that cannot be opened (a full disk, an I/O error) leaves
-        agents in the context and RAM only, with a warning. A folder that is not agentkv's
-        (NotACache) or cannot be written (ConfigError) is the caller's to fix: raised."""
-        cfg = self._config
-        try:
-            return DiskStore(cfg.cache_dir, cfg.disk_budget, cfg.block_tokens, self._rest,
-                             machine=compute(), reads=buffers.reads)
-        except (ConfigError, NotACache):
-            raise
-        except Exception as exc:  # noqa: BLE001 - sqlite3 and OS errors of a broken disk
-            log.warning("the cache folder %s cannot be opened (%s: %s); agents are kept in the "
-                        "context and RAM only", cfg.cache_dir, type(exc).__name__, exc)
-            return NoDisk(cfg.cache_dir, f"{type(exc).__name__}: {exc}")
-
-    def _make_fingerprint(self, store: Union[DiskStore, NoDisk]) -> bytes:
-        def cached_hash(path: str) -> str:
-            return store.model_hash(path, hash_file)
-        self._adapters_seen = self._engine.adapters_version
-        return self._engine.fingerprint(cached_hash(self._engine.model_path), cached_hash,
-                                        at_rest=self._rest)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -237,7 +222,7 @@ class AgentMemory(TurnRunner):
         """A copy of the counters, with the current tier sizes."""
         s = self._counters.copy()
         store = self._tiers.store
-        s.ram_bytes = self._res.ram.nbytes
+        s.ram_bytes = self._res.ram.nbytes + self._res.prefetcher.nbytes
         s.disk_bytes = store.nbytes
         s.disk_db_bytes = store.db_bytes()
         ids = {m.name for m, _ in store.agents() if m.fingerprint == self.fingerprint}
@@ -261,6 +246,21 @@ class AgentMemory(TurnRunner):
             infos[live] = AgentInfo(live, self._engine.n_tokens, "live", self._live_nbytes(),
                                     self._res.live_since)
         return [infos[k] for k in sorted(infos)]
+
+    def prefetch(self, agent_id: str) -> None:
+        """Read the agent's KV from disk into RAM in the background, while another agent's
+        turn runs (the read waits while a returning agent waits for its first token); returns
+        at once. It stays within the RAM budget: durable RAM snapshots, least recently used
+        first, make room for it, and an agent larger than the budget is not prefetched. The agent's next turn
+        then restores from RAM (``hits["prefetch"]``) instead of reading the disk inside its
+        time to first token. ``AgentMemory(prefetch=True)`` does this by itself for the agent
+        predicted to come next (the one that followed the current agent the last time)."""
+        check_agent_id(agent_id)
+        if self._owner == threading.get_ident():  # inside this thread's turn
+            self._res.prefetch(agent_id)
+            return
+        with self._exclusive():  # RAM may make room for it: another thread's turn ends first
+            self._res.prefetch(agent_id)
 
     def inspect(self) -> Inspection:
         """A read-only view of what this memory holds (records, blocks, layouts, the live
@@ -370,6 +370,7 @@ class AgentMemory(TurnRunner):
                 self._res.flush()
             finally:
                 self._saves.writer.close()
+                self._res.prefetcher.close()
                 self._engine.uninstall()
                 self._tiers.store.close()
                 if self._tiers.shared is not None:

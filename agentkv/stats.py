@@ -7,7 +7,7 @@ from typing import Dict
 
 __all__ = ["SOURCES", "AgentInfo", "MemoryStats", "TurnRecord"]
 
-SOURCES = ("live", "ram", "disk", "shared", "prefix", "cold")
+SOURCES = ("live", "ram", "prefetch", "disk", "shared", "prefix", "cold")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class MemoryStats:
     Attributes:
         turns: turns run (calls and ``agent()`` blocks).
         hits: turns counted by where the agent's KV came from:
-            "live", "ram", "disk", "shared" (the shared tier: another worker's turn),
+            "live", "ram", "prefetch" (read from disk into RAM in the background before
+            the turn: ``mem.prefetch`` or ``prefetch=True``), "disk", "shared" (the shared
+            tier: another worker's turn),
             "prefix" (a stored prefix, from disk or the shared tier), "cold".
         prompt_tokens_evaluated: prompt tokens the model evaluated.
         prompt_tokens_restored: prompt tokens served from restored KV instead.
@@ -64,6 +66,10 @@ class MemoryStats:
         shared_errors: calls to it that failed or timed out (logged; the turn went on with
             the local tiers, and calls resume after a backoff of up to 30 s).
         shared_wait_seconds: time turns waited for another worker's turn of the same agent.
+        prefetch_reads: agents' states read into RAM in the background (``hits["prefetch"]``
+            counts the turns that used one).
+        prefetch_bytes: payload bytes those reads took from disk (not in ``bytes_read``,
+            which counts what turns read).
     """
 
     turns: int = 0
@@ -88,6 +94,8 @@ class MemoryStats:
     shared_missing: int = 0
     shared_errors: int = 0
     shared_wait_seconds: float = 0.0
+    prefetch_reads: int = 0
+    prefetch_bytes: int = 0
 
     @property
     def draft_rejected(self) -> int:

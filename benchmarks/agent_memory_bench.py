@@ -43,6 +43,10 @@ Prints one line per turn (stderr) and a progress bar, then medians, p90s and rat
 writes everything (machine, versions, per-turn rows, summary); ``--plot`` draws TTFT per turn
 (or, with ``--ctx-sweep``, the speedup against context length).
 
+``--prefetch`` runs agentkv with ``AgentMemory(prefetch=True)``: each turn reads the agent
+predicted next into RAM (returns counted under tier "prefetch"); with ``--cold-disk``, the
+page cache is dropped after that read, so what a return reads is what the prefetch kept.
+
 ``--peers ram,disk`` (or ``all``) adds, in the same run, on the same Llama and prompts,
 llama-cpp-python's own caches through ``llm.set_cache``: ``LlamaRAMCache`` and ``LlamaDiskCache``,
 what a llama-cpp-python user picks today (benchmarks/peers.py says how they behave). Reported
@@ -141,7 +145,8 @@ def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: i
     prompts: List[dict] = []
     history = {a: list(toks) for a, toks in contexts.items()}
     with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget, disk_budget="50GiB",
-                     block_tokens=args.block_tokens) as mem:
+                     block_tokens=args.block_tokens,
+                     prefetch=args.prefetch) as mem:
         for kind, r in schedule(args):
             for i, agent_id in enumerate(history):
                 suffix = extra[(i, r)] if kind == "turn" else []
@@ -634,6 +639,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG: TTFT per turn (or speedup per context)")
     ap.add_argument("--shared", default=None, metavar="URL",
                     help="also run the schedule on two workers sharing this Redis")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="AgentMemory(prefetch=True): the next agent is read into RAM during the "
+                         "turn before its own (hits['prefetch'])")
     ap.add_argument("--peers", default=None, metavar="ram,disk",
                     help="also run llama-cpp-python's LlamaRAMCache / LlamaDiskCache (llm.set_cache) "
                          "on the same Llama and prompts; 'all' for both")

@@ -19,6 +19,7 @@ from .._store.shared import Remote
 from ..errors import CorruptEntry, RestoreFailed
 from ..stats import TurnRecord
 from .counters import Counters
+from .prefetch import Prefetcher
 from .ram import RamTier
 from .saves import Saves
 from .tiers import Tiers
@@ -45,6 +46,8 @@ class Residency:
         self.live_since = 0.0  # wall-clock end of the live agent's last turn
         self.lease: Optional[str] = None  # the shared tier's lease of the turn's agent
         self._pushed_out: List[Tuple[str, Snapshot]] = []  # what RAM pushed out this turn
+        self.prefetcher = Prefetcher(tiers, counters, lambda: ram.budget - ram.nbytes,
+                                     saves.writer.yield_point)
 
     def drop_live(self) -> None:
         """Empty the context, unwritten."""
@@ -57,7 +60,31 @@ class Residency:
         if self.live == agent_id:
             self.drop_live()
             dropped = True
+        self.prefetcher.drop(agent_id)
         return self.ram.pop(agent_id) is not None or dropped
+
+    def prefetch(self, agent_id: str, wait: bool = False) -> bool:
+        """Read the agent's stored state into RAM in the background, making room for it first:
+        RAM snapshots already on disk go, least recently used first, while the state would not
+        fit the RAM budget otherwise (``wait``: wait for a snapshot's save to land rather than
+        skip it). True if the read was asked for, or is not needed (live, in RAM, unknown,
+        larger than the budget); False if there is no room yet."""
+        if self.live == agent_id or self.ram.peek(agent_id) is not None:
+            return True
+        size = next((n for r, n in self._tiers.store.agents() if r.name == agent_id), None)
+        if size is None or size > self.ram.budget:
+            return True
+        for victim, _ in self.ram.items():
+            if self.ram.nbytes + self.prefetcher.nbytes + size <= self.ram.budget:
+                break
+            if wait:
+                self._saves.writer.wait(victim)
+            if self._saves.is_durable(victim):
+                self.ram.pop(victim)
+        if self.ram.nbytes + self.prefetcher.nbytes + size > self.ram.budget:
+            return False
+        self.prefetcher.request(agent_id)
+        return True
 
     def settle(self) -> None:
         """End of a turn: what RAM pushed out during it is made durable now."""
@@ -78,26 +105,34 @@ class Residency:
             self.live, self.live_saved = None, None
         t0 = time.perf_counter()
         entry = self.ram.pop(agent_id)  # first: its RAM slot goes to the agent leaving
+        held, held_from = (None, "ram") if entry is None else (entry.snap, "ram")
+        if held is None and remote is None:  # a state read ahead of its turn, if newest
+            self._saves.writer.wait(agent_id)
+            held = self.prefetcher.take(agent_id, self._saves.version(agent_id))
+            held_from = "prefetch"
         self.evict_live(defer=True)
         t1 = time.perf_counter()
-        if entry is None or remote is not None:
+        if held is None or remote is not None:
             self._saves.writer.wait(agent_id)  # a snapshot of it may be on its way to disk
         self._saves.writer.hold()  # until the first token: background saves yield
         try:
-            source = self._restore(agent_id, None if entry is None else entry.snap, remote)
+            source = self._restore(agent_id, held, remote, held_from)
         except BaseException:
             self._saves.writer.release()
             raise
         t2 = time.perf_counter()
         self.live = agent_id
+        self.prefetcher.drop(agent_id)  # a copy read meanwhile is not needed (nor newest)
         return TurnRecord(agent_id, source, restore_seconds=t2 - t1, save_seconds=t1 - t0)
 
-    def _restore(self, agent_id: str, held: Optional[Snapshot], remote: Optional[Remote]) -> str:
+    def _restore(self, agent_id: str, held: Optional[Snapshot], remote: Optional[Remote],
+                 held_from: str = "ram") -> str:
         """Restore the agent from the first tier that has it: the shared tier when another
-        worker ran it since, else RAM, else disk; "cold" if none does."""
+        worker ran it since, else what RAM holds (``held``: its RAM snapshot, or a state
+        prefetched from disk), else disk; "cold" if none does."""
         tiers = self._tiers
         sources: List[Tuple[str, Callable[[], Optional[Snapshot]]]] = [
-            ("ram", lambda: held), ("disk", lambda: tiers.read_disk(agent_id))]
+            (held_from, lambda: held), ("disk", lambda: tiers.read_disk(agent_id))]
         if remote is not None:
             sources.insert(0, ("shared", lambda: tiers.read_shared(agent_id, remote)))
         for source, read in sources:

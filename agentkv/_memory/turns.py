@@ -12,15 +12,19 @@ import logging
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .._llama.draft import NgramDraft
-from .._llama.engine import Engine
+from .._format.buffers import Buffers
+from .._llama.engine import Engine, hash_file
+from .._llama.settings import compute
+from .._store.disk import DiskStore, NoDisk
 from ..config import MemoryConfig
-from ..errors import InvalidAgentId, MemoryClosed, TurnInProgress
+from ..errors import ConfigError, InvalidAgentId, MemoryClosed, NotACache, TurnInProgress
 from ..stats import TurnRecord
 from .counters import Counters
 from .policy import Sharing, TurnPolicy
+from .prefetch import NextAgent
 from .residency import Residency
 from .saves import Saves
 from .tiers import Tiers
@@ -65,10 +69,32 @@ class TurnRunner:
     _owner: Optional[int]
     _adapters_seen: int
     _warned_cache: bool
+    _rest: int
+    _next: Optional[NextAgent]
+    _prefetch_later: Optional[str] = None  # predicted next agent RAM had no room for yet
     last_turn: Optional[TurnRecord]
 
-    def _make_fingerprint(self, store: Any) -> bytes:
-        raise NotImplementedError
+    def _open_store(self, buffers: Buffers) -> Union[DiskStore, NoDisk]:
+        """The disk tier; a folder that cannot be opened (a full disk, an I/O error) leaves
+        agents in the context and RAM only, with a warning. A folder that is not agentkv's
+        (NotACache) or cannot be written (ConfigError) is the caller's to fix: raised."""
+        cfg = self._config
+        try:
+            return DiskStore(cfg.cache_dir, cfg.disk_budget, cfg.block_tokens, self._rest,
+                             machine=compute(), reads=buffers.reads)
+        except (ConfigError, NotACache):
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlite3 and OS errors of a broken disk
+            log.warning("the cache folder %s cannot be opened (%s: %s); agents are kept in the "
+                        "context and RAM only", cfg.cache_dir, type(exc).__name__, exc)
+            return NoDisk(cfg.cache_dir, f"{type(exc).__name__}: {exc}")
+
+    def _make_fingerprint(self, store: Union[DiskStore, NoDisk]) -> bytes:
+        def cached_hash(path: str) -> str:
+            return store.model_hash(path, hash_file)
+        self._adapters_seen = self._engine.adapters_version
+        return self._engine.fingerprint(cached_hash(self._engine.model_path), cached_hash,
+                                        at_rest=self._rest)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -111,6 +137,7 @@ class TurnRunner:
             self._check_settings()
             record = self._res.activate(agent_id)
             self._res.live_saved = None  # the turn may change the live state
+            self._predict_next(agent_id)
             llm = self._engine.llm
             own_cache = getattr(llm, "cache", None)
             if own_cache is not None:  # Llama would load its own state over the restored KV
@@ -130,6 +157,17 @@ class TurnRunner:
                     llm.cache = own_cache
                 self._end_turn(record)
 
+    def _predict_next(self, agent_id: str) -> None:
+        """With ``prefetch=True``: prefetch the agent predicted to come after this one, during
+        this turn; when RAM has no room yet (the snapshot that would make it is still on its
+        way to disk), at the end of the turn."""
+        self._prefetch_later = None
+        if self._next is None:
+            return
+        nxt = self._next.turn(agent_id)
+        if nxt is not None and nxt != agent_id and not self._res.prefetch(nxt):
+            self._prefetch_later = nxt
+
     def _end_turn(self, record: TurnRecord) -> None:
         """After a turn, answered or not: let go of what it held, ready the next restore,
         make what RAM pushed out durable, and count the turn (once, under its final source)."""
@@ -140,6 +178,10 @@ class TurnRunner:
         self._saves.writer.release()  # the turn made no token (or made them all)
         self._engine.buffers.after_turn()  # outside the next restore's time to first token
         res.settle()  # what RAM pushed out is durable before the next turn
+        later = self._prefetch_later
+        if later is not None:
+            self._prefetch_later = None
+            res.prefetch(later, wait=True)
         self.last_turn = record
         self._counters.end_turn(record)
 
@@ -156,6 +198,7 @@ class TurnRunner:
                     "so far stay on disk under the old settings")
         self._res.flush()
         self._res.ram.clear()
+        self._res.prefetcher.drop()
         self._res.drop_live()
         self._tiers.rebind(fingerprint)
 

@@ -1,0 +1,146 @@
+"""Prefetch: an agent's state read from disk into RAM while another agent's turn runs.
+
+:class:`Prefetcher` runs one background thread. ``request(agent_id)`` returns at once; the
+thread waits while a returning agent waits for its first token (the writer's pacing), reads
+the agent's stored state, checks it as a restore does, assembles it into one compact blob and
+keeps it, within what the RAM budget leaves free. The agent's next activation takes it
+(:meth:`take`, waiting for a read in flight) instead of reading the disk inside its time to
+first token. A prefetched state is only used if it is the agent's newest (its version is the
+one this process holds); anything that fails is dropped quietly, and the turn reads the disk
+as it would have (where damage is handled).
+
+:class:`NextAgent` predicts whom to prefetch: the agent that followed the current one the
+last time it ran (round-robin teams and fixed chains such as planner -> coder -> critic).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable, Dict, Optional
+
+from .._format import pieces as seqpieces
+from .._format.snapshot import Snapshot, StoredPieces
+from .counters import Counters
+from .tiers import Tiers, Version
+
+__all__ = ["NextAgent", "Prefetcher"]
+
+log = logging.getLogger("agentkv.memory")
+
+
+class NextAgent:
+    """Who comes after whom, learnt from the order of turns."""
+
+    def __init__(self) -> None:
+        self._after: Dict[str, str] = {}
+        self._last: Optional[str] = None
+
+    def turn(self, agent_id: str) -> Optional[str]:
+        """``agent_id``'s turn begins: note it; return the agent predicted to come next."""
+        if self._last is not None and self._last != agent_id:
+            self._after[self._last] = agent_id
+        self._last = agent_id
+        return self._after.get(agent_id)
+
+    def forget(self, agent_id: str) -> None:
+        self._after.pop(agent_id, None)
+        for k in [k for k, v in self._after.items() if v == agent_id]:
+            del self._after[k]
+
+
+class Prefetcher:
+    """One background reader; ``free_bytes()`` is what the RAM budget leaves now, and
+    ``yield_point()`` waits while a restore holds the writer (the same pacing as saves)."""
+
+    def __init__(self, tiers: Tiers, counters: Counters, free_bytes: Callable[[], int],
+                 yield_point: Callable[[], None]) -> None:
+        self._tiers = tiers
+        self._counters = counters
+        self._free_bytes = free_bytes
+        self._yield_point = yield_point
+        self._lock = threading.Lock()
+        self._ready: Dict[str, Snapshot] = {}
+        self._busy: Dict[str, threading.Event] = {}
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="agentkv-prefetch", daemon=True)
+        self._thread.start()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self._ready.values())
+
+    def request(self, agent_id: str) -> None:
+        """Read the agent's stored state in the background (at once if nothing else is)."""
+        with self._lock:
+            if agent_id in self._ready or agent_id in self._busy:
+                return
+            self._busy[agent_id] = threading.Event()
+        self._queue.put(agent_id)
+
+    def take(self, agent_id: str, version: Optional[Version]) -> Optional[Snapshot]:
+        """The agent's prefetched state (waiting for a read in flight), if it is the newest:
+        its version is ``version`` (None: this process holds none, the disk's is newest)."""
+        with self._lock:
+            busy = self._busy.get(agent_id)
+        if busy is not None:
+            busy.wait()
+        with self._lock:
+            snap = self._ready.pop(agent_id, None)
+        if snap is None or (version is not None and snap.version != version):
+            return None
+        return snap
+
+    def drop(self, agent_id: Optional[str] = None) -> None:
+        """Forget what was prefetched (of one agent, or all): the RAM it holds goes."""
+        with self._lock:
+            if agent_id is None:
+                self._ready.clear()
+            else:
+                self._ready.pop(agent_id, None)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.drop()
+
+    def _run(self) -> None:
+        while True:
+            agent_id = self._queue.get()
+            if agent_id is None:
+                return
+            try:
+                snap = self._read(agent_id)
+                if snap is not None:
+                    with self._lock:
+                        self._ready[agent_id] = snap
+                    self._counters.add(prefetch_reads=1)
+            except Exception as exc:  # noqa: BLE001 - the turn reads the disk itself then
+                log.debug("prefetch of agent %r failed: %s", agent_id, exc)
+            finally:
+                with self._lock:
+                    done = self._busy.pop(agent_id, None)
+                if done is not None:
+                    done.set()
+
+    def _read(self, agent_id: str) -> Optional[Snapshot]:
+        """The agent's stored state as one compact blob, or None (none, or no room)."""
+        self._yield_point()
+        tiers = self._tiers
+        record = tiers.store.manifest(agent_id)
+        if record is None or record.fingerprint != tiers.fingerprint.hex():
+            return None
+        stored, nread = tiers.store.get(agent_id, tiers.fingerprint)
+        if stored is None or not isinstance(stored.state, StoredPieces):
+            return None
+        self._yield_point()
+        blob = seqpieces.assemble(stored.state.shape, stored.state.pieces)
+        snap = Snapshot(stored.tokens, blob, stored.logits, stored.exact, stored.version)
+        if snap.nbytes > self._free_bytes() - self.nbytes:
+            log.debug("agent %r not prefetched: its %d bytes do not fit the RAM budget",
+                      agent_id, snap.nbytes)
+            return None
+        self._counters.add(prefetch_bytes=nread)
+        return snap

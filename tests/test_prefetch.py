@@ -1,0 +1,73 @@
+"""Prefetch: a team taking turns finds the next agent already in RAM, and answers as before."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agentkv import AgentMemory
+from conftest import last_logits
+
+PROMPTS = {name: f"{name} notes: " + " ".join(f"item {j} is {(j * len(name)) % 7}." for j in range(90))
+           for name in ("planner", "coder", "critic")}
+
+
+def run_team(llm, cache_dir, budget, prefetch, rounds=3):
+    """The three agents in turn; per turn (text, logits after it, source)."""
+    seen = []
+    with AgentMemory(llm, cache_dir=cache_dir, ram_budget=budget, prefetch=prefetch) as mem:
+        for r in range(rounds):
+            for name, prompt in PROMPTS.items():
+                out = mem.create_completion(name, prompt + f" Round {r}:", max_tokens=3,
+                                            temperature=0)
+                seen.append((out["choices"][0]["text"], last_logits(llm), mem.last_turn.source))
+        stats = mem.stats()
+        assert stats.ram_bytes <= budget  # prefetched states count, and fit
+    return seen, stats
+
+
+def one_snapshot(llm, tmp_path):
+    with AgentMemory(llm, cache_dir=tmp_path / "probe", ram_budget="10GiB") as probe:
+        probe.create_completion("x", PROMPTS["planner"], max_tokens=3, temperature=0)
+        probe.create_completion("y", "Hi", max_tokens=1, temperature=0)
+        return [a for a in probe.agents() if a.agent_id == "x"][0].nbytes
+
+
+def test_a_round_robin_team_returns_from_prefetched_ram_exactly(llm, tmp_path):
+    """RAM holds about one agent: without prefetch every return of the three reads the disk;
+    with it, the agent predicted next (learnt in round 0) is read into RAM during the turn
+    before its own, and its return restores from there. Texts and logits are equal."""
+    budget = int(one_snapshot(llm, tmp_path) * 1.5)
+    plain, plain_stats = run_team(llm, tmp_path / "plain", budget, prefetch=False)
+    fetched, stats = run_team(llm, tmp_path / "fetched", budget, prefetch=True)
+    assert plain_stats.hits["prefetch"] == 0 and plain_stats.hits["disk"] >= 5
+    for (t0, l0, _), (t1, l1, _) in zip(plain, fetched):
+        assert t0 == t1
+        assert np.array_equal(l0, l1)
+    sources = [s for _, _, s in fetched]
+    assert sources[:4] == ["cold"] * 3 + ["disk"], sources
+    # round 1's first turn completes the order (critic -> planner); from then on, each turn
+    # prefetches the next agent, and every return is restored from what it read
+    assert sources[4:] == ["prefetch"] * 5, sources
+    assert stats.hits["prefetch"] == 5 and stats.prefetch_reads >= 5 and stats.prefetch_bytes > 0
+    assert stats.rejected == 0
+
+
+def test_prefetch_on_request_and_what_it_refuses(llm, tmp_path):
+    """mem.prefetch(agent) reads an agent on disk into RAM for its next turn; an agent larger
+    than the RAM budget, an unknown one or the live one is not prefetched (nothing breaks)."""
+    budget = int(one_snapshot(llm, tmp_path) * 1.5)
+    with AgentMemory(llm, cache_dir=tmp_path / "c", ram_budget=budget) as mem:
+        for name in ("planner", "coder"):
+            mem.create_completion(name, PROMPTS[name], max_tokens=2, temperature=0)
+        mem.evict("planner")  # on disk only
+        mem.prefetch("planner")
+        mem.prefetch("nobody")  # unknown: nothing to read
+        mem.prefetch("coder")  # live: nothing to do
+        mem.create_completion("planner", PROMPTS["planner"] + " More:", max_tokens=2,
+                              temperature=0)
+        assert mem.last_turn.source == "prefetch"
+    with AgentMemory(llm, cache_dir=tmp_path / "c", ram_budget=1000) as small:
+        small.prefetch("coder")  # larger than the whole budget: read at its turn instead
+        small.create_completion("coder", PROMPTS["coder"] + " More:", max_tokens=2, temperature=0)
+        assert small.last_turn.source == "disk"
+        assert small.stats().prefetch_reads == 0
