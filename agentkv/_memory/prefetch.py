@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from .._format import pieces as seqpieces
 from .._format.snapshot import Snapshot, StoredPieces
@@ -63,7 +63,8 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._ready: Dict[str, Snapshot] = {}
         self._busy: Dict[str, threading.Event] = {}
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._epoch: Dict[str, int] = {}  # per agent: bumped by drop, so a read in flight is void
+        self._queue: "queue.Queue[Optional[Tuple[str, int]]]" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="agentkv-prefetch", daemon=True)
         self._thread.start()
 
@@ -78,7 +79,8 @@ class Prefetcher:
             if agent_id in self._ready or agent_id in self._busy:
                 return
             self._busy[agent_id] = threading.Event()
-        self._queue.put(agent_id)
+            epoch = self._epoch.get(agent_id, 0)
+        self._queue.put((agent_id, epoch))
 
     def take(self, agent_id: str, version: Optional[Version]) -> Optional[Snapshot]:
         """The agent's prefetched state (waiting for a read in flight), if it is the newest:
@@ -96,10 +98,9 @@ class Prefetcher:
     def drop(self, agent_id: Optional[str] = None) -> None:
         """Forget what was prefetched (of one agent, or all): the RAM it holds goes."""
         with self._lock:
-            if agent_id is None:
-                self._ready.clear()
-            else:
-                self._ready.pop(agent_id, None)
+            for a in list(self._ready) + list(self._busy) if agent_id is None else [agent_id]:
+                self._ready.pop(a, None)
+                self._epoch[a] = self._epoch.get(a, 0) + 1
 
     def close(self) -> None:
         self._queue.put(None)
@@ -108,14 +109,16 @@ class Prefetcher:
 
     def _run(self) -> None:
         while True:
-            agent_id = self._queue.get()
-            if agent_id is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            agent_id, epoch = item
             try:
                 snap = self._read(agent_id)
                 if snap is not None:
                     with self._lock:
-                        self._ready[agent_id] = snap
+                        if self._epoch.get(agent_id, 0) == epoch:  # not dropped meanwhile
+                            self._ready[agent_id] = snap
                     self._counters.add(prefetch_reads=1)
             except Exception as exc:  # noqa: BLE001 - the turn reads the disk itself then
                 log.debug("prefetch of agent %r failed: %s", agent_id, exc)
