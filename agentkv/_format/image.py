@@ -52,11 +52,17 @@ class RestoreImage:
     """A sequence-state blob laid out as a never-evicted context holds it.
 
     ``buf`` is what ``llama_state_seq_set_data`` loads (the SWA cache ``cache`` holds cells
-    ``0..n-1``, those below ``window_start`` masked zeros); ``parsed`` is its parse. Its compact form
+    from :attr:`load_from`, those below ``window_start`` masked zeros); ``parsed`` is its parse. Its compact form
     (``set_window_start(buf, parsed, cache, window_start)``) is what the store splits into blocks.
     """
 
     __slots__ = ("buf", "parsed", "cache", "window_start", "nbytes")
+
+    @property
+    def load_from(self) -> int:
+        """The first position of its SWA cells (layout.load_from)."""
+        st = self.parsed.caches[self.cache].only_stream()
+        return st.pos_min if st is not None else 0
 
     def __init__(self, buf: np.ndarray, parsed: seqstate.SeqState, cache: int, window_start: int,
                  nbytes: int) -> None:
@@ -72,25 +78,45 @@ class RestoreImage:
                                     window_start={self.cache: self.window_start})
 
 
-def zero_runs(parsed: seqstate.SeqState, cache: int, window_start: int) -> List[Tuple[int, int]]:
-    """Byte ranges of the rows of the SWA cells below ``window_start`` (cells 0..window_start-1)."""
-    st = parsed.caches[cache].only_stream()
-    assert st is not None
+def _row_runs(spans: List[Tuple[int, seqstate.Span]], n_cells: int, z: int
+              ) -> List[Tuple[int, int]]:
+    """Byte ranges of the rows of the first ``z`` of ``n_cells`` cells, for each span (at its
+    start offset) of one stream."""
     runs: List[Tuple[int, int]] = []
-    for sp in st.k + st.v:
+    for start, sp in spans:
         if sp.el_size == 0:
-            runs.append((sp.start, sp.start + window_start * sp.row_size))
+            runs.append((start, start + z * sp.row_size))
         else:  # transposed V: one run per embedding row
-            row = st.cell_count * sp.el_size
-            runs.extend((sp.start + r * row, sp.start + r * row + window_start * sp.el_size)
+            row = n_cells * sp.el_size
+            runs.extend((start + r * row, start + r * row + z * sp.el_size)
                         for r in range(sp.n_embd))
     return [(a, b) for a, b in runs if b > a]
 
 
+def zero_runs(parsed: seqstate.SeqState, cache: int, window_start: int) -> List[Tuple[int, int]]:
+    """Byte ranges of the rows of the SWA cells below ``window_start`` (the padding)."""
+    st = parsed.caches[cache].only_stream()
+    assert st is not None
+    return _row_runs([(sp.start, sp) for sp in st.k + st.v], st.cell_count,
+                     window_start - st.pos_min)
+
+
+def _trimmed_runs(st: seqstate.StreamSection, load_from: int, window_start: int
+                  ) -> List[Tuple[int, int]]:
+    """:func:`zero_runs` of the blob ``set_window_start(.., load_from)`` would make of a stream
+    holding cells from position 0, computed from the stream's own offsets."""
+    spans, shrink = [], seqstate.CELL_BYTES  # bytes per dropped cell before a span's start
+    for sp in st.k + st.v:
+        spans.append((sp.start - load_from * shrink, sp))
+        shrink += (sp.end - sp.start) // st.cell_count
+    return _row_runs(spans, st.cell_count - load_from, window_start - load_from)
+
+
 def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window_start: int,
-            seq_id: int) -> Optional[RestoreImage]:
-    """The never-evicted layout of a whole-context dump whose SWA cache ``cache`` holds cells
-    ``0..n-1``, with the cells below ``window_start`` zeroed and the header naming ``seq_id``.
+                seq_id: int, load_from: int = 0) -> Optional[RestoreImage]:
+    """The layout a restore loads of a whole-context dump whose SWA cache ``cache`` holds
+    cells ``0..n-1``: the cells from ``load_from`` on (layout.load_from), those below
+    ``window_start`` zeroed, the header naming ``seq_id``.
 
     Returns None where the kernel cannot back the padding with the zero page.
     """
@@ -98,16 +124,18 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
         return None
     st = parsed.caches[cache].only_stream()
     if st is None or not st.simple_cells or not st.is_contiguous or st.pos_min != 0 \
-            or not 0 < window_start <= st.pos_max:
+            or not 0 <= load_from < window_start <= st.pos_max:
         raise ValueError("build_image needs an SWA stream of simple cells from position 0")
-    size = int(whole.nbytes)
+    per_cell = seqstate.CELL_BYTES + sum((sp.end - sp.start) // st.cell_count
+                                         for sp in st.k + st.v)
+    size = int(whole.nbytes) - load_from * per_cell
     page = mmap.PAGESIZE
     try:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     except OSError as exc:  # out of address space or commit charge: this snapshot stays compact
         log.debug("no mapping for a laid-out snapshot (%s); keeping it compact", exc)
         return None
-    runs = zero_runs(parsed, cache, window_start)
+    runs = _trimmed_runs(st, load_from, window_start)
     zero = 0
     try:
         mm.madvise(_MADV_NOHUGEPAGE)
@@ -127,13 +155,9 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
         return None
     ZERO_PAGE.supported = True
     buf = np.frombuffer(mm, dtype=np.uint8)  # keeps the mapping alive; unmapped with the last view
-    src = np.frombuffer(whole, dtype=np.uint8)
-    at = 0
-    for a, b in runs:
-        buf[at:a] = src[at:a]
-        at = b
-    buf[at:] = src[at:]
-    buf[4:8] = np.frombuffer(np.int32(seq_id).tobytes(), np.uint8)
-    # the same layout byte for byte but the header's seq id: the dump's parse describes it
-    return RestoreImage(buf, dataclasses.replace(parsed, seq_id=seq_id), cache, window_start,
+    # writes every byte but the zero runs' rows (the padding stays on the zero page)
+    seqstate.set_window_start(whole, parsed, cache, load_from, seq_id, out=lambda _: buf,
+                              zero_below=window_start)
+    kept = seqstate.parse(buf) if load_from else dataclasses.replace(parsed, seq_id=seq_id)
+    return RestoreImage(buf, kept, cache, window_start,
                      -(-size // page) * page - zero)

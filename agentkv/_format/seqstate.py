@@ -228,7 +228,8 @@ def parse(blob: Buffer, ext_size: int = 0) -> SeqState:
 # offset follows from the one before, and split up the offsets would travel between functions.
 def set_window_start(blob: Buffer, state: SeqState, cache_index: int, new_pos_min: int,
               seq_id: Optional[int] = None, out: Optional[Callable[[int], np.ndarray]] = None,
-              written: Optional[List[Tuple[int, int]]] = None) -> np.ndarray:
+              written: Optional[List[Tuple[int, int]]] = None, zero_below: int = 0
+              ) -> np.ndarray:
     """A copy of ``blob`` whose cache ``cache_index`` starts at position ``new_pos_min``.
 
     Below the stream's first position, zero-filled cells are added in front (positions
@@ -236,7 +237,8 @@ def set_window_start(blob: Buffer, state: SeqState, cache_index: int, new_pos_mi
     of simple, contiguous cells. ``seq_id`` rewrites the blob's header (a whole-context dump
     says -1; a sequence restore wants the sequence it came from). ``out`` and ``written`` as
     in :func:`assemble`: a buffer that is zeros where the padding goes, and the byte ranges
-    written into it.
+    written into it. ``zero_below``: the rows of the cells below this position are left as
+    ``out`` gave them (zeros) rather than copied (masked cells whose data no query reads).
     """
     cache = state.caches[cache_index]
     stream = cache.only_stream()
@@ -249,6 +251,7 @@ def set_window_start(blob: Buffer, state: SeqState, cache_index: int, new_pos_mi
     delta = stream.pos_min - new_pos_min  # cells added (> 0) or dropped (< 0) in front
     n_new = n_old + delta
     grow = delta * (CELL_BYTES + sum((sp.end - sp.start) // n_old for sp in stream.k + stream.v))
+    z = min(n_new, max(delta, 0, zero_below - new_pos_min))  # leading cells left zero
     if out is None:
         buf = np.zeros(src.nbytes + grow, dtype=np.uint8)  # calloc: padding costs no writes
     else:
@@ -268,11 +271,8 @@ def set_window_start(blob: Buffer, state: SeqState, cache_index: int, new_pos_mi
         s_rows = src[i:i + n_rows * n_old * row].reshape(n_rows, n_old * row)
         d_rows = buf[o:o + n_rows * n_new * row].reshape(n_rows, n_new * row)
         # the padding is left as it is (zeros); a transposed layer is marked whole
-        wrote.append((o + (max(delta, 0) * row if n_rows == 1 else 0), o + n_rows * n_new * row))
-        if delta >= 0:
-            d_rows[:, delta * row:] = s_rows
-        else:
-            d_rows[:, :] = s_rows[:, -delta * row:]
+        wrote.append((o + (z * row if n_rows == 1 else 0), o + n_rows * n_new * row))
+        d_rows[:, z * row:] = s_rows[:, (z - delta) * row:]
         return o + n_rows * n_new * row, i + n_rows * n_old * row
 
     seq = int(np.frombuffer(blob, dtype=CELL_DTYPE, count=1, offset=i)["seq_id"][0])

@@ -64,6 +64,24 @@ def _ptr(buf: Any) -> Any:
     return arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr
 
 
+# The architectures whose restores kv_equivalence.py --matrix proved at the minimal padding
+# (layout.load_from); other SWA models are restored in the never-evicted layout. A model with
+# attention sinks (gpt-oss) must stay out: ggml merges the sinks into the first KV chunk only.
+PROVEN_ARCHITECTURES = ("gemma3",)
+_GGML_F32, _GGML_F16 = 0, 1
+
+
+def _attention(llm: Llama) -> str:
+    """How this context's attention walks its KV cells (layout.SPLIT, ORDERED or FIXED)."""
+    cp = llm.context_params
+    arch = str(llm.metadata.get("general.architecture", ""))
+    if int(cp.flash_attn_type) != llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED \
+            or arch not in PROVEN_ARCHITECTURES:
+        return layout.FIXED
+    k, v = int(cp.type_k), int(cp.type_v)
+    return layout.SPLIT if k in (_GGML_F32, _GGML_F16) and k == v else layout.ORDERED
+
+
 class Engine:
     """Snapshot and restore of one ``Llama``'s sequence, plus its bookkeeping.
 
@@ -82,7 +100,8 @@ class Engine:
                         llama_cpp.__version__, ", ".join(SUPPORTED_LLAMA_CPP))
         self.llm = llm
         self.model = layout.Model(int(llama_cpp.llama_model_n_swa(llm.model)),
-                                  bool(llm.context_params.swa_full), _SEQ)
+                                  bool(llm.context_params.swa_full), _SEQ, int(llm.n_ctx()),
+                                  _attention(llm))
         self.n_swa = self.model.n_swa
         self.block_tokens = max(1, int(block_tokens))
         self.buffers = buffers or Buffers()
@@ -91,6 +110,11 @@ class Engine:
         self._exact = 0  # positions whose KV a cold prefill reproduces (see cold_exact)
         self._installed = False
         self._has_outputs = False  # the context has decoded at least once: it has a logits row
+
+    def n_threads(self) -> int:
+        """The threads this context decodes one token with (``llama_set_n_threads`` may change
+        it between turns): the restore layout depends on it."""
+        return int(llama_cpp.llama_n_threads(self.llm.ctx))
 
     def check_format(self) -> None:
         """Decide from a real state whether this llama.cpp writes the format agentkv parses:
@@ -212,7 +236,7 @@ class Engine:
         if start > 0:
             try:
                 kept = layout.compact(self.model, self.state_bytes(-1, reuse=True), n, start,
-                                      image)
+                                      image, self.n_threads())
                 if kept is not None:
                     return Snapshot(tokens, kept, logits, self.cold_exact)
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
@@ -224,7 +248,8 @@ class Engine:
         n = snap.n_tokens
         if n > self.llm.n_ctx():
             raise RestoreFailed(f"snapshot holds {n} tokens, the context only {self.llm.n_ctx()}")
-        blob, window_start = layout.restore_bytes(self.model, snap.state, n, self.buffers.image)
+        blob, window_start = layout.restore_bytes(self.model, snap.state, n, self.buffers.image,
+                                                  self.n_threads())
         self.clear()
         if n == 0:
             return
