@@ -23,6 +23,21 @@ last turn the token ids in the context and the last logits are hashed (xxh3-128)
 A path passes when both hashes are equal, every answer is equal, and ``mem.last_turn`` shows that
 each returning turn really came from the expected tier with only its new tokens evaluated (no
 silent prefill).
+
+``--matrix`` is the proof of the restore layout (agentkv/_format/layout.py: the minimal exact
+padding, read from the decode thread count at restore time)::
+
+    .venv/bin/python benchmarks/kv_equivalence.py --matrix --contexts 1300,2000,4000,8000,16000 \
+        --matrix-threads 1,2,4 --continue-tokens 600 --json layout_proof.json
+
+For each live KV type and flash-attention setting (``--combos``, default f16:fa, f16:nofa,
+q8_0:fa, q4_0:fa) and each context length, an agent prefills that many tokens through agentkv
+and is evicted to disk. Then, for each decode thread count, a never-evicted copy of that
+context (the same prefill on a bare ``Llama``, rolled back to it before each case) and the agent restored by a new AgentMemory (a disk restore laid out for that thread
+count) each decode ``--continue-tokens`` greedy tokens; the tokens and every step's logits
+(xxh3-128 over all of them) must be equal and the restore confirmed (source "disk", one token
+evaluated). One more case per length restores from RAM after the thread count changed between
+the save (the first count) and the restore (the last): the RAM image is laid out again.
 """
 
 from __future__ import annotations
@@ -37,7 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import xxhash
-from llama_cpp import Llama
+import llama_cpp
+from llama_cpp import Llama, LogitsProcessorList
 
 from agentkv import AgentMemory
 
@@ -249,6 +265,94 @@ def print_row(row: Dict[str, Any]) -> None:
         print(f"      {'note' if row['verdict'] == 'N/A' else 'problem'}: {p}", flush=True)
 
 
+COMBOS = ("f16:fa", "f16:nofa", "q8_0:fa", "q4_0:fa")
+
+
+def matrix_llm(model: str, combo: str, n_ctx: int, threads: int) -> Llama:
+    kind, fa = combo.split(":")
+    t = bu.CACHE_TYPES[kind]
+    return Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=2,
+                 flash_attn=fa == "fa", type_k=t, type_v=t, verbose=False)
+
+
+def continue_hashed(call: Callable[..., Any], prompt: List[int], n: int) -> Dict[str, Any]:
+    """``n`` greedy tokens after ``prompt``; the tokens and every step's logits, hashed."""
+    h = xxhash.xxh3_128()
+
+    def seen(_ids, scores):
+        h.update(np.ascontiguousarray(scores, dtype=np.float32).tobytes())
+        return scores
+    out = call(prompt, max_tokens=n, temperature=0, logits_processor=LogitsProcessorList([seen]))
+    toks = out["choices"][0]["text"]
+    return {"text": xxhash.xxh3_128_hexdigest(toks.encode()), "logits": h.hexdigest(),
+            "tokens": int(out["usage"]["completion_tokens"])}
+
+
+def matrix_case(model: str, combo: str, length: int, threads: List[int], n_cont: int,
+                workdir: Optional[str]) -> List[dict]:
+    n_ctx = -(-(length + n_cont + 64) // 256) * 256
+    llm = matrix_llm(model, combo, n_ctx, threads[0])
+    ref = matrix_llm(model, combo, n_ctx, threads[0])
+    base_dir = tempfile.mkdtemp(prefix=f"kv-matrix-{combo.replace(':', '-')}-", dir=workdir)
+    words = " ".join(f"item {i} of the inventory is a {('red', 'blue', 'green')[i % 3]} box."
+                     for i in range(length // 8 + 8))
+    prompt = llm.tokenize(words.encode())[:length]
+    rows = []
+    try:
+        mem = AgentMemory(llm, cache_dir=os.path.join(base_dir, "d"), ram_budget=1 << 31)
+        mem.create_completion("a", prompt, max_tokens=1, temperature=0)
+        # the greedy token is evaluated by both runs: a one-token decode on the restored cells
+        prompt = prompt + [int(np.argmax(bu.last_logits(llm)))]
+        # the never-evicted context: the same prefill on a bare Llama (llama.cpp's own whole-
+        # context state does not reload an SWA cache exactly); each case's continuation rolls
+        # it back to this point, as a never-evicted agent's next turn would
+        ref.create_completion(prompt[:-1], max_tokens=1, temperature=0)
+        mem.wait_durable("a")
+        saved = os.path.join(base_dir, "saved")
+        shutil.copytree(os.path.join(base_dir, "d"), saved)
+        # the RAM case first: a second AgentMemory over the same Llama closes the first
+        cases = [(threads[0], threads[-1], "ram")] + [(t, t, "disk") for t in threads]
+        for t_save, t_restore, path in cases:
+            llama_cpp.llama_set_n_threads(ref.ctx, t_restore, 2)
+            want = continue_hashed(ref.create_completion, prompt, n_cont)
+            if path == "ram":  # the agent's RAM image was laid out for t_save threads
+                mem.create_completion("b", "Another agent.", max_tokens=1, temperature=0)
+                llama_cpp.llama_set_n_threads(llm.ctx, t_restore, 2)
+                got = continue_hashed(lambda p, **kw: mem.create_completion("a", p, **kw),
+                                      prompt, n_cont)
+                turn = mem.last_turn
+            else:
+                mem.close()
+                d = tempfile.mkdtemp(dir=base_dir)
+                shutil.rmtree(d)
+                shutil.copytree(saved, d)
+                llama_cpp.llama_set_n_threads(llm.ctx, t_restore, 2)
+                with AgentMemory(llm, cache_dir=d, ram_budget=0) as m2:
+                    got = continue_hashed(lambda p, **kw: m2.create_completion("a", p, **kw),
+                                          prompt, n_cont)
+                    turn = m2.last_turn
+                shutil.rmtree(d, ignore_errors=True)
+            problems = []
+            if turn.source != path or turn.prompt_tokens_evaluated > 1:
+                problems.append(f"restore not confirmed: source {turn.source}, "
+                                f"{turn.prompt_tokens_evaluated} tokens evaluated")
+            if got != want:
+                problems.append("tokens or logits differ from the never-evicted context")
+            row = {"combo": combo, "context": length, "path": path, "threads_saved": t_save,
+                   "threads_restored": t_restore, "verdict": "FAIL" if problems else "PASS",
+                   "never_evicted": want, "evicted": got, "problems": problems}
+            rows.append(row)
+            print(f"{combo:9s} {length:6d} {path:4s} threads {t_save}->{t_restore} "
+                  f"{row['verdict']:4s} {got['tokens']} tokens, logits {want['logits'][:16]} vs "
+                  f"{got['logits'][:16]} {'; '.join(problems)}", flush=True)
+        mem.close()
+    finally:
+        llm.close()
+        ref.close()
+        shutil.rmtree(base_dir, ignore_errors=True)
+    return rows
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default="f16,q8_0,q4_0", help="live KV cache types to check")
@@ -264,6 +368,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="length of the system prompt in rules of ~14 tokens (48: ~700 tokens, "
                     "longer than Gemma 3's 512-token window; smaller for emulated runs)")
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens per answer")
+    ap.add_argument("--matrix", action="store_true", help="the restore-layout proof (see above)")
+    ap.add_argument("--combos", default=",".join(COMBOS), help="KV type:fa|nofa pairs")
+    ap.add_argument("--contexts", default="1300,2000,4000,8000,16000")
+    ap.add_argument("--matrix-threads", default="1,2,4")
+    ap.add_argument("--continue-tokens", type=int, default=600)
     args = ap.parse_args(argv)
     bad = [t for t in args.types.split(",") if t not in bu.CACHE_TYPES] + \
           [p for p in args.paths.split(",") if p not in PATHS]
@@ -277,6 +386,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     SYSTEM, MAX_TOKENS = system_prompt(args.system_rules), args.max_tokens
     model = args.model or bu.default_model()
+    if args.matrix:
+        threads = [int(t) for t in args.matrix_threads.split(",")]
+        results = [r for combo in args.combos.split(",")
+                   for n in (int(x) for x in args.contexts.split(","))
+                   for r in matrix_case(model, combo, n, threads, args.continue_tokens,
+                                        args.workdir)]
+        verdicts = [r["verdict"] for r in results]
+        print(f"\n{verdicts.count('PASS')} passed, {verdicts.count('FAIL')} failed")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": bu.machine(), "args": vars(args), "results": results}, f,
+                          indent=1)
+        return 1 if "FAIL" in verdicts else 0
     types = [t for t in args.types.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]
     print(f"model {os.path.basename(model)}; {len(SYSTEM)}-char system prompt; greedy, "

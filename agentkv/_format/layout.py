@@ -111,7 +111,7 @@ def load_from(model: Model, n: int, window_start: int, n_threads: int) -> int:
         return 0
     for shift in range(window_start // _TILE * _TILE, 0, -_TILE):
         if _same_cuts(model, n, shift, n_threads):
-            return window_start - shift
+            return shift
     return 0
 
 
