@@ -1,9 +1,9 @@
 """A RAM snapshot kept in the layout it is restored in, its padding costing no RAM.
 
-An exact restore of an SWA model loads the never-evicted layout (state.py): in its SWA cache,
-masked zero cells in front of the window. At 4,000 tokens that layout is ~3.5x the bytes of
-the snapshot (74 MB against 21 MB for Gemma 3 270M), and building it at restore time is a copy
-inside the returning agent's time to first token. :func:`build_image` builds it once, when the
+An exact restore of an SWA model loads, in its SWA cache, masked zero cells in front of the
+window (layout.load_from: from a few hundred cells up to the never-evicted layout, ~3.5x the
+bytes of the snapshot at 4,000 tokens of Gemma 3 270M), and building it at restore time is a
+copy inside the returning agent's time to first token. :func:`build_image` builds it once, when the
 snapshot is taken, in a private anonymous mapping: the bytes that are data are copied in (the
 same copy a compact snapshot makes), and the page-aligned insides of the zero runs are
 populated read-only with the kernel's shared zero page (``MADV_POPULATE_READ``). Those pages

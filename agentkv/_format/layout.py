@@ -2,8 +2,9 @@
 
 An SWA model's context holds its sliding-window layers' cells at indices equal to their
 positions; a sequence-state dump keeps only the window. ggml's attention kernels split the
-KV by cell index, so an exact restore loads the *never-evicted* layout: masked zero cells in
-front of the stored window (seqstate.py says why). This module is the one place that knows it:
+KV by cell index, so an exact restore loads masked zero cells in front of the stored window,
+as many as :func:`load_from` finds the kernels need (seqstate.py says why; at most the whole
+*never-evicted* layout). This module is the one place that knows it:
 
 - :func:`compact` trims a whole-context dump to what a snapshot keeps (the window plus a
   margin), or lays it out as a :class:`~agentkv._format.image.RestoreImage` for RAM;

@@ -22,7 +22,8 @@ SWA cache holds its last window at cell indices 0..W-1, while a context that was
 holds the same window at indices equal to the positions. ggml's attention kernels partition the
 KV by cell index (split-KV decode, tiles), so the two layouts round differently and the logits
 drift. :func:`set_window_start` puts zero-filled, SWA-masked cells in front of the window so that the
-restored cache has the never-evicted layout again, and the arithmetic is bit for bit the same.
+restored cache splits the KV as the never-evicted layout does, and the arithmetic is bit for bit
+the same (how many cells that takes is layout.load_from's).
 The same function trims a whole-context dump's SWA cache down to the window plus a margin.
 """
 

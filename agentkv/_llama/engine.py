@@ -36,7 +36,7 @@ from .._format.snapshot import Snapshot, check_state
 from ..errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
 from .draft import drafted_generate, greedy_refusal
 from .hooks import TurnHooks
-from .settings import ADAPTERS, compute, settings_of
+from .settings import ADAPTERS, attention_of, compute, settings_of
 
 __all__ = ["Engine", "FORMAT_ID", "SUPPORTED_LLAMA_CPP", "TurnHooks", "hash_file"]
 
@@ -64,24 +64,6 @@ def _ptr(buf: Any) -> Any:
     return arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), arr
 
 
-# The architectures whose restores kv_equivalence.py --matrix proved at the minimal padding
-# (layout.load_from); other SWA models are restored in the never-evicted layout. A model with
-# attention sinks (gpt-oss) must stay out: ggml merges the sinks into the first KV chunk only.
-PROVEN_ARCHITECTURES = ("gemma3",)
-_GGML_F32, _GGML_F16 = 0, 1
-
-
-def _attention(llm: Llama) -> str:
-    """How this context's attention walks its KV cells (layout.SPLIT, ORDERED or FIXED)."""
-    cp = llm.context_params
-    arch = str(llm.metadata.get("general.architecture", ""))
-    if int(cp.flash_attn_type) != llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED \
-            or arch not in PROVEN_ARCHITECTURES:
-        return layout.FIXED
-    k, v = int(cp.type_k), int(cp.type_v)
-    return layout.SPLIT if k in (_GGML_F32, _GGML_F16) and k == v else layout.ORDERED
-
-
 class Engine:
     """Snapshot and restore of one ``Llama``'s sequence, plus its bookkeeping.
 
@@ -101,7 +83,7 @@ class Engine:
         self.llm = llm
         self.model = layout.Model(int(llama_cpp.llama_model_n_swa(llm.model)),
                                   bool(llm.context_params.swa_full), _SEQ, int(llm.n_ctx()),
-                                  _attention(llm))
+                                  attention_of(llm))
         self.n_swa = self.model.n_swa
         self.block_tokens = max(1, int(block_tokens))
         self.buffers = buffers or Buffers()

@@ -36,7 +36,9 @@ import llama_cpp
 import llama_cpp.llama_cpp as _low
 import xxhash
 
-__all__ = ["settings_of", "compute", "AdapterLog", "ADAPTERS"]
+from .._format import layout as _layout
+
+__all__ = ["settings_of", "compute", "attention_of", "AdapterLog", "ADAPTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +237,20 @@ class AdapterLog:
 ADAPTERS = AdapterLog()
 ADAPTERS.install()
 
+
+# The architectures whose restores kv_equivalence.py --matrix proved at the minimal padding
+# (_layout.load_from); other SWA models are restored in the never-evicted _layout. A model with
+# attention sinks (gpt-oss) must stay out: ggml merges the sinks into the first KV chunk only.
+PROVEN_ARCHITECTURES = ("gemma3",)
+_GGML_F32, _GGML_F16 = 0, 1
+
+
+def attention_of(llm: Any) -> str:
+    """How this context's attention walks its KV cells (_layout.SPLIT, ORDERED or FIXED)."""
+    cp = llm.context_params
+    arch = str(llm.metadata.get("general.architecture", ""))
+    if int(cp.flash_attn_type) != llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED \
+            or arch not in PROVEN_ARCHITECTURES:
+        return _layout.FIXED
+    k, v = int(cp.type_k), int(cp.type_v)
+    return _layout.SPLIT if k in (_GGML_F32, _GGML_F16) and k == v else _layout.ORDERED
