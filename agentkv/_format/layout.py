@@ -37,6 +37,7 @@ llama-cpp-python 0.3.36 vendors it) and proven against them by ``benchmarks/kv_e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -101,6 +102,7 @@ def _same_cuts(model: Model, n: int, shift: int, n_threads: int) -> bool:
     return True
 
 
+@lru_cache(maxsize=512)  # a snapshot's save and its restores ask the same; the search is ~ms
 def load_from(model: Model, n: int, window_start: int, n_threads: int) -> int:
     """The first position an exact restore of ``n`` tokens loads into an SWA cache whose real
     cells start at ``window_start`` (cells below it are masked zeros), for a context decoding
