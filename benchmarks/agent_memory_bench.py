@@ -39,6 +39,8 @@ history's sequence state from RAM (plus, in the issue's definition, tokenizing t
 text: reported separately, since the benchmark hands agentkv token ids); for a return from
 disk, plus the bytes agentkv read at the read bandwidth measured on the cache's own files
 (cold if ``--cold-disk``); for a new turn, bare set_data plus the prefill of the same suffix.
+The "exact floor" is the same with the state laid out as an exact restore needs it (its SWA
+cache padded by the masked cells ``layout.load_from`` asks for at this thread count).
 Prints one line per turn (stderr) and a progress bar, then medians, p90s and ratios; ``--json``
 writes everything (machine, versions, per-turn rows, summary); ``--plot`` draws TTFT per turn
 (or, with ``--ctx-sweep``, the speedup against context length).
@@ -381,10 +383,10 @@ def run_naive_and_floor(llm: Llama, args, prompts: List[dict], progress: bu.Prog
                  "agent": p["agent"], "state_bytes": int(blob.nbytes),
                  "tokenize_s": bu.tokenize_seconds(llm, text)}
         suffix = prompt[n_hist:]
-        # The exact floor: the same KV laid out as a never-evicted context holds it (SWA cells
-        # at index == position, what agentkv restores); the bare state above restores a layout
-        # whose logits differ in the last bits (see README, "Exact restores").
-        floor["exact_set_data_s"] = bu.bare_set_data(llm, bu.never_evicted_layout(llm, blob))
+        # The exact floor: the same KV laid out as agentkv's exact restore loads it (the minimal
+        # padding of layout.load_from for this thread count); the bare state above restores a
+        # layout whose logits differ in the last bits (see README, "Exact restores").
+        floor["exact_set_data_s"] = bu.bare_set_data(llm, bu.exact_layout(llm, blob))
         if suffix:
             floor.update(bu.set_data_then_prefill(llm, blob, prompt[:n_hist], suffix))
         else:

@@ -311,15 +311,20 @@ def bare_set_data(llm: Any, blob: np.ndarray, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def never_evicted_layout(llm: Any, blob: np.ndarray) -> np.ndarray:
-    """``blob`` with its SWA cache padded by masked zero cells so that every cell sits at
-    index == position, as agentkv restores it for bitwise exactness (unchanged otherwise)."""
-    from agentkv._format import seqstate
+def exact_layout(llm: Any, blob: np.ndarray) -> np.ndarray:
+    """``blob`` laid out as agentkv's exact restore loads it: its SWA cache padded in front by
+    masked zero cells from ``layout.load_from`` (the minimal padding under which decoding
+    with this context's thread count cuts the KV as a never-evicted context does; index ==
+    position where flash attention is off or the architecture is unproven)."""
+    from agentkv._format import layout, seqstate
+    from agentkv._llama.engine import Engine
     parsed = seqstate.parse(blob)
     swa = parsed.caches[-1].only_stream() if len(parsed.caches) > 1 else None
     if swa is None or swa.pos_min <= 0 or not bool(llm.context_params.swa_full):
         return blob
-    return seqstate.set_window_start(blob, parsed, len(parsed.caches) - 1, 0)
+    engine = Engine(llm)
+    first = layout.load_from(engine.model, swa.pos_max + 1, swa.pos_min, engine.n_threads())
+    return seqstate.set_window_start(blob, parsed, len(parsed.caches) - 1, first)
 
 
 def prefill(llm: Any, tokens: Sequence[int]) -> float:

@@ -113,9 +113,48 @@ def test_lay_out_rebuilds_the_snapshot_and_falls_back_where_the_kernel_cannot(sn
     full = imagemod.build_image(whole, seqstate.parse(whole), 1, laid.state.window_start, 0)
     assert full.load_from == 0 and full.buf.nbytes >= again.buf.nbytes
     assert bytes(seqstate.set_window_start(full.buf, full.parsed, 1, again.load_from)) == loaded
-    with pytest.raises(ValueError, match="from position 0"):  # a compact state has no front
-        imagemod.build_image(compact.state, seqstate.parse(compact.state), 1, laid.state.window_start, 0)
+    # a dump whose SWA run starts above position 0 (a restored context's): the same layout,
+    # the cells it lacks in front added as padding
+    cparsed = seqstate.parse(compact.state)
+    from_compact = imagemod.build_image(compact.state, cparsed, 1, laid.state.window_start, 0,
+                                        laid.state.load_from)
+    assert bytes(from_compact.buf) == loaded and from_compact.load_from == laid.state.load_from
+    with pytest.raises(ValueError, match="holding the window"):  # the window is not all there
+        imagemod.build_image(compact.state, cparsed, 1, laid.state.window_start - 1, 0)
     monkeypatch.setattr(imagemod.ZERO_PAGE, "supported", None)
     monkeypatch.setattr(imagemod.ZERO_PAGE, "advice", 12345)  # an advice no kernel knows
     assert imagemod.build_image(whole, seqstate.parse(whole), 1, laid.state.window_start, 0) is None
     assert imagemod.ZERO_PAGE.supported is False  # learnt once: later snapshots stay compact at once
+
+
+def test_a_restored_agent_is_kept_laid_out_again_and_stays_exact(tmp_path):
+    """The snapshot of a context that was itself restored (its SWA cells start at the restore's
+    padding, not at 0) is laid out too: a second RAM return loads it with no copy of ours, and
+    answers as an agent that never left the context."""
+    from agentkv import AgentMemory
+    from conftest import last_logits
+    llm = make_llm(n_ctx=2048)
+    try:
+        prompts = [PROMPT, " Then a stone rolls too.", " And a leaf."]
+        ref, text = [], ""
+        for p in prompts:  # never evicted: llama-cpp-python reuses the prefix it holds
+            text += p
+            text += llm.create_completion(text, max_tokens=6, temperature=0)["choices"][0]["text"]
+            ref.append(text)
+        ref_logits = last_logits(llm)
+        llm.reset()
+        got, text, layouts = [], "", []
+        with AgentMemory(llm, cache_dir=tmp_path, ram_budget="1GiB") as mem:
+            for p in prompts:
+                text += p
+                text += mem.create_completion("a", text, max_tokens=6,
+                                              temperature=0)["choices"][0]["text"]
+                got.append(text)
+                logits = last_logits(llm)
+                mem.create_completion("b", "A different agent.", max_tokens=2, temperature=0)
+                layouts.append(mem.inspect().ram_layout("a"))
+            hits = mem.stats().hits
+        assert got == ref and np.array_equal(logits, ref_logits)
+        assert layouts == ["image"] * 3 and hits["ram"] >= 2
+    finally:
+        llm.close()

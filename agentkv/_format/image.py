@@ -104,31 +104,34 @@ def zero_runs(parsed: seqstate.SeqState, cache: int, window_start: int) -> List[
 def _trimmed_runs(st: seqstate.StreamSection, load_from: int, window_start: int
                   ) -> List[Tuple[int, int]]:
     """:func:`zero_runs` of the blob ``set_window_start(.., load_from)`` would make of a stream
-    holding cells from position 0, computed from the stream's own offsets."""
+    (cells dropped from its front, or zero cells added there), from the stream's own offsets."""
+    shift = load_from - st.pos_min  # cells dropped (negative: added)
     spans, shrink = [], seqstate.CELL_BYTES  # bytes per dropped cell before a span's start
     for sp in st.k + st.v:
-        spans.append((sp.start - load_from * shrink, sp))
+        spans.append((sp.start - shift * shrink, sp))
         shrink += (sp.end - sp.start) // st.cell_count
-    return _row_runs(spans, st.cell_count - load_from, window_start - load_from)
+    return _row_runs(spans, st.cell_count - shift, window_start - load_from)
 
 
 def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window_start: int,
                 seq_id: int, load_from: int = 0) -> Optional[RestoreImage]:
-    """The layout a restore loads of a whole-context dump whose SWA cache ``cache`` holds
-    cells ``0..n-1``: the cells from ``load_from`` on (layout.load_from), those below
-    ``window_start`` zeroed, the header naming ``seq_id``.
+    """The layout a restore loads of a whole-context dump whose SWA cache ``cache`` holds one
+    contiguous run of cells up to ``n-1`` from at most ``window_start`` (from 0 in a context
+    that was prefilled; from the padding of its restore in one that was restored): the cells
+    from ``load_from`` on (layout.load_from; zero cells are added in front where the dump
+    starts above it), those below ``window_start`` zeroed, the header naming ``seq_id``.
 
     Returns None where the kernel cannot back the padding with the zero page.
     """
     if ZERO_PAGE.supported is False:
         return None
     st = parsed.caches[cache].only_stream()
-    if st is None or not st.simple_cells or not st.is_contiguous or st.pos_min != 0 \
-            or not 0 <= load_from < window_start <= st.pos_max:
-        raise ValueError("build_image needs an SWA stream of simple cells from position 0")
+    if st is None or not st.simple_cells or not st.is_contiguous \
+            or not (0 <= load_from < window_start and st.pos_min <= window_start <= st.pos_max):
+        raise ValueError("build_image needs one SWA run of simple cells holding the window")
     per_cell = seqstate.CELL_BYTES + sum((sp.end - sp.start) // st.cell_count
                                          for sp in st.k + st.v)
-    size = int(whole.nbytes) - load_from * per_cell
+    size = int(whole.nbytes) - (load_from - st.pos_min) * per_cell
     page = mmap.PAGESIZE
     try:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
@@ -158,6 +161,7 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
     # writes every byte but the zero runs' rows (the padding stays on the zero page)
     seqstate.set_window_start(whole, parsed, cache, load_from, seq_id, out=lambda _: buf,
                               zero_below=window_start)
-    kept = seqstate.parse(buf) if load_from else dataclasses.replace(parsed, seq_id=seq_id)
+    kept = (seqstate.parse(buf) if load_from != st.pos_min
+            else dataclasses.replace(parsed, seq_id=seq_id))
     return RestoreImage(buf, kept, cache, window_start,
                      -(-size // page) * page - zero)

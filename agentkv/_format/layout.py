@@ -143,7 +143,7 @@ def compact(model: Model, whole: np.ndarray, n: int, start: int, image: bool, n_
             and swa.pos_min <= start and swa.pos_max == n - 1):
         return None
     first = load_from(model, n, start, n_threads)
-    if image and swa.pos_min == 0 and first < start:
+    if image and first < start:
         kept = build_image(whole, parsed, 1, start, model.seq_id, first)
         if kept is not None:
             return kept
