@@ -47,7 +47,9 @@ writes everything (machine, versions, per-turn rows, summary); ``--plot`` draws 
 
 ``--prefetch`` runs agentkv with ``AgentMemory(prefetch=True)``: each turn reads the agent
 predicted next into RAM (returns counted under tier "prefetch"); with ``--cold-disk``, the
-page cache is dropped after that read, so what a return reads is what the prefetch kept.
+page cache is dropped after that read, so what a return reads is what the prefetch kept. The
+same schedule also runs without prefetch (rows "agentkv-plain"), and the time from each turn's
+first token to its end is compared turn by turn: what the prefetch costs the turn it runs in.
 
 ``--peers ram,disk`` (or ``all``) adds, in the same run, on the same Llama and prompts,
 llama-cpp-python's own caches through ``llm.set_cache``: ``LlamaRAMCache`` and ``LlamaDiskCache``,
@@ -123,7 +125,7 @@ def ttft_and_decode(chunks) -> Dict[str, float]:
     if first is None:
         raise RuntimeError("the stream produced no token")
     return {"ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
-            "generated": n}
+            "generated": n, "after_first_s": end - first}
 
 
 def ram_budget_for(llm: Llama, tokens: List[int], slots: int, block_tokens: int) -> int:
@@ -141,14 +143,16 @@ def ram_budget_for(llm: Llama, tokens: List[int], slots: int, block_tokens: int)
 
 
 def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: int, rep: int,
-                progress: bu.Progress) -> Tuple[List[dict], List[dict], Any]:
-    """The schedule through AgentMemory; returns per-turn rows, the returning prompts, stats."""
+                progress: bu.Progress, mode: str = "agentkv", prefetch: Optional[bool] = None
+                ) -> Tuple[List[dict], List[dict], Any]:
+    """The schedule through AgentMemory; returns per-turn rows, the returning prompts, stats.
+    ``prefetch``: AgentMemory(prefetch=) (default ``args.prefetch``); ``mode`` labels the rows."""
     records: List[dict] = []
     prompts: List[dict] = []
     history = {a: list(toks) for a, toks in contexts.items()}
     with AgentMemory(llm, cache_dir=cache_dir, ram_budget=ram_budget, disk_budget="50GiB",
                      block_tokens=args.block_tokens,
-                     prefetch=args.prefetch) as mem:
+                     prefetch=args.prefetch if prefetch is None else prefetch) as mem:
         for kind, r in schedule(args):
             for i, agent_id in enumerate(history):
                 suffix = extra[(i, r)] if kind == "turn" else []
@@ -164,7 +168,7 @@ def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: i
                 bytes_read = mem.stats().bytes_read - read_before
                 n_hist = len(history[agent_id])
                 history[agent_id] = [int(t) for t in llm.input_ids[: llm.n_tokens]]
-                rec = {"mode": "agentkv", "repeat": rep, "kind": kind, "round": r,
+                rec = {"mode": mode, "repeat": rep, "kind": kind, "round": r,
                        "agent": agent_id, "tier": turn.source, "prompt_tokens": len(prompt),
                        "evaluated": turn.prompt_tokens_evaluated,
                        "restored": turn.prompt_tokens_restored, "bytes_read": bytes_read,
@@ -174,10 +178,10 @@ def run_agentkv(llm: Llama, args, contexts, extra, cache_dir: str, ram_budget: i
                 if kind != "build":
                     prompts.append({"repeat": rep, "kind": kind, "round": r, "agent": agent_id,
                                     "prompt": prompt, "history_len": n_hist})
-                progress.log(f"rep {rep} agentkv {kind:6s} r{r} {agent_id}: {turn.source:6s} "
+                progress.log(f"rep {rep} {mode} {kind:6s} r{r} {agent_id}: {turn.source:6s} "
                              f"eval {turn.prompt_tokens_evaluated:5d} tok, "
                              f"TTFT {m['ttft_s'] * 1e3:9.1f} ms, {m['decode_tok_s']:5.1f} tok/s")
-                progress.step(f"agentkv r{r}")
+                progress.step(f"{mode} r{r}")
         stats = mem.stats()
     return records, prompts, stats
 
@@ -566,7 +570,7 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
     n_returning = (len(sched) - 1) * n_agents
     names = peer_names(args)
     per_rep = (len(sched) * n_agents * (2 if second is not None else 1) + n_returning
-               + len(names) * len(sched) * n_agents)
+               + len(names) * len(sched) * n_agents + (len(sched) * n_agents if args.prefetch else 0))
     progress = bu.Progress(args.repeats * per_rep, label=f"ctx {ctx_tokens}")
     shared_rows: List[dict] = []
     shared_totals: Dict[str, int] = {}
@@ -591,6 +595,13 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
         rows += ours
+        if args.prefetch:  # the same schedule without prefetch: what the prefetch costs a turn
+            plain_dir = tempfile.mkdtemp(prefix="agentkv-bench-plain-", dir=args.cache_root)
+            try:
+                rows += run_agentkv(llm, args, contexts, extra, plain_dir, ram_budget, rep,
+                                    progress, mode="agentkv-plain", prefetch=False)[0]
+            finally:
+                shutil.rmtree(plain_dir, ignore_errors=True)
         rows += run_naive_and_floor(llm, args, prompts, progress)
         attach_floors([x for x in rows if x.get("repeat") == rep], bandwidth)
         if names:
@@ -613,12 +624,41 @@ def run_ctx(llm: Llama, args, ctx_tokens: int, second: Optional[Llama] = None) -
              "cache_fs": cache_fs, "summary": summary, "turns": rows}
     if names:
         point["peers"] = peermod.summarize_peers(rows, names)
+    if args.prefetch:
+        point["prefetch_cost"] = prefetch_cost(rows)
     if second is not None:
         point.update({"shared_summary": summarize_shared(rows, shared_rows),
                       "shared_totals": shared_totals, "shared_turns": shared_rows})
     if args.new_agents:
         point["new_agent_turns"], point["new_agents"] = run_new_agents(llm, args, ctx_tokens)
     return point
+
+
+def prefetch_cost(rows: List[dict]) -> Dict[str, Any]:
+    """What prefetching costs the turn it runs during: each returning turn's time from its
+    first token to its end (the decode, and the end of the turn, where a prefetch that found
+    no room yet runs), with prefetch and in the same schedule without, paired turn by turn
+    (the restores differ, so the time to the first token is left out)."""
+    key = lambda x: (x["repeat"], x["kind"], x["round"], x["agent"])  # noqa: E731
+    plain = {key(x): x for x in rows if x["mode"] == "agentkv-plain" and x["kind"] != "build"}
+    pairs = [(x["after_first_s"], plain[key(x)]["after_first_s"]) for x in rows
+             if x["mode"] == "agentkv" and key(x) in plain]
+    if not pairs:
+        return {}
+    with_pf = statistics.median(a for a, _ in pairs)
+    without = statistics.median(b for _, b in pairs)
+    return {"turns": len(pairs), "after_first_ms_with_prefetch": with_pf * 1e3,
+            "after_first_ms_without": without * 1e3, "slowdown": with_pf / without - 1.0,
+            "median_pairwise_slowdown": statistics.median(a / b for a, b in pairs) - 1.0}
+
+
+def print_prefetch_cost(cost: Dict[str, Any]) -> None:
+    if not cost:
+        return
+    print(f"prefetch cost ({cost['turns']} turns, first token to end of turn): "
+          f"{cost['after_first_ms_with_prefetch']:.1f} ms with prefetch, "
+          f"{cost['after_first_ms_without']:.1f} ms without: {100 * cost['slowdown']:+.1f}% "
+          f"(median of per-turn ratios {100 * cost['median_pairwise_slowdown']:+.1f}%)")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -689,6 +729,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print_new_agents(point)
             if "peers" in point:
                 peermod.print_peers(point["peers"], args.turn_tokens)
+            if "prefetch_cost" in point:
+                print_prefetch_cost(point["prefetch_cost"])
             points.append(point)
     finally:
         llm.close()
