@@ -71,3 +71,49 @@ def test_prefetch_on_request_and_what_it_refuses(llm, tmp_path):
         small.create_completion("coder", PROMPTS["coder"] + " More:", max_tokens=2, temperature=0)
         assert small.last_turn.source == "disk"
         assert small.stats().prefetch_reads == 0
+
+
+
+def test_a_long_prefetched_state_is_laid_out_before_its_turn(tmp_path):
+    """An agent whose restore pads its SWA cache (a long context, flash attention) is read
+    ahead as a RestoreImage, laid out in the background, so that its return loads it with no
+    copy inside its time to first token; it answers as it does from disk without prefetch."""
+    from agentkv._format.image import RestoreImage
+    from conftest import make_llm
+    llm = make_llm(n_ctx=2048)
+    long = {name: f"{name} log: " + " ".join(f"a stone numbered {i} rolls {name}ward."
+                                             for i in range(180)) for name in ("ann", "bob", "cy")}
+    try:
+        with AgentMemory(llm, cache_dir=tmp_path / "probe", ram_budget="10GiB") as probe:
+            probe.create_completion("x", long["ann"], max_tokens=3, temperature=0)
+            probe.create_completion("y", "Hi", max_tokens=1, temperature=0)
+            budget = int([a for a in probe.agents() if a.agent_id == "x"][0].nbytes * 1.5)
+        runs = {}
+        for prefetch in (False, True):
+            seen, laid = [], []
+            with AgentMemory(llm, cache_dir=tmp_path / str(prefetch), ram_budget=budget,
+                             prefetch=prefetch) as mem:
+                names = list(long)
+                for r in range(3):
+                    for i, name in enumerate(names):
+                        out = mem.create_completion(name, long[name] + f" Round {r}:",
+                                                    max_tokens=3, temperature=0)
+                        seen.append((out["choices"][0]["text"], last_logits(llm),
+                                     mem.last_turn.source))
+                        pf = mem._res.prefetcher  # what it read for the agent predicted next
+                        nxt = names[(i + 1) % len(names)]
+                        busy = pf._busy.get(nxt)
+                        if busy is not None:
+                            busy.wait()
+                        held = pf._ready.get(nxt)
+                        if held is not None:
+                            laid.append(isinstance(held.state, RestoreImage))
+            runs[prefetch] = seen, laid
+        (plain, _), (fetched, laid) = runs[False], runs[True]
+        assert [s for _, _, s in plain] == ["cold"] * 3 + ["disk"] * 6
+        assert [s for _, _, s in fetched][4:] == ["prefetch"] * 5
+        for (t0, l0, _), (t1, l1, _) in zip(plain, fetched):
+            assert t0 == t1 and np.array_equal(l0, l1)
+        assert len(laid) >= 5 and all(laid), laid
+    finally:
+        llm.close()

@@ -49,7 +49,7 @@ from .buffers import ZeroedBuffer
 from .image import RestoreImage, build_image
 from .snapshot import StoredPieces, check_state
 
-__all__ = ["Model", "SPLIT", "ORDERED", "FIXED", "compact", "keep_from", "load_from",
+__all__ = ["Model", "SPLIT", "ORDERED", "FIXED", "compact", "keep_from", "lay_out", "load_from",
            "restore_bytes"]
 
 SPLIT = "split"  # flash attention, f16/f32 K and V of one type: split-KV decode, 64-cell tiles
@@ -148,6 +148,28 @@ def compact(model: Model, whole: np.ndarray, n: int, start: int, image: bool, n_
         if kept is not None:
             return kept
     return seqstate.set_window_start(whole, parsed, 1, start, model.seq_id)
+
+
+def lay_out(model: Model, blob: np.ndarray, n: int, n_threads: int
+            ) -> Union[np.ndarray, RestoreImage]:
+    """A compact sequence state (a snapshot's, ``n`` tokens) as a RestoreImage laid out for a
+    context decoding with ``n_threads``, where this model pads it and the kernel can back the
+    padding; else ``blob`` itself. For states read ahead of their restore (prefetch), so that
+    the restore loads them with no copy, as a RAM snapshot's."""
+    if n == 0 or model.n_swa <= 0:
+        return blob
+    parsed = seqstate.parse(blob)
+    if len(parsed.caches) != 2:
+        return blob
+    swa = parsed.caches[-1].only_stream()
+    if swa is None or not swa.simple_cells or not swa.is_contiguous or swa.pos_max != n - 1 \
+            or swa.pos_min <= 0:
+        return blob
+    first = load_from(model, n, swa.pos_min, n_threads)
+    if first >= swa.pos_min:
+        return blob
+    image = build_image(blob, parsed, 1, swa.pos_min, model.seq_id, first)
+    return blob if image is None else image
 
 
 def restore_bytes(model: Model, state: Any, n: int, out: ZeroedBuffer, n_threads: int

@@ -225,6 +225,10 @@ class Engine:
                 log.debug("whole-context state not trimmable (%s); saving the sequence state", exc)
         return Snapshot(tokens, self.state_bytes(_SEQ), logits, self.cold_exact)
 
+    def lay_out(self, blob: np.ndarray, n: int) -> Any:
+        """A compact state of ``n`` tokens laid out for this context's restore (layout.lay_out)."""
+        return layout.lay_out(self.model, blob, n, self.n_threads())
+
     def restore(self, snap: Snapshot) -> None:
         """Make ``snap`` the live sequence; raise CorruptEntry/RestoreFailed (context cleared)."""
         n = snap.n_tokens

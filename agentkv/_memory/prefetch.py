@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
 
 from .._format import pieces as seqpieces
 from .._format.snapshot import Snapshot, StoredPieces
@@ -55,8 +57,10 @@ class Prefetcher:
     ``yield_point()`` waits while a restore holds the writer (the same pacing as saves)."""
 
     def __init__(self, tiers: Tiers, counters: Counters, free_bytes: Callable[[], int],
-                 yield_point: Callable[[], None]) -> None:
+                 yield_point: Callable[[], None],
+                 lay_out: Optional[Callable[[np.ndarray, int], Any]] = None) -> None:
         self._tiers = tiers
+        self._lay_out = lay_out  # (blob, n_tokens) -> the state a restore loads at once
         self._counters = counters
         self._free_bytes = free_bytes
         self._yield_point = yield_point
@@ -129,7 +133,8 @@ class Prefetcher:
                     done.set()
 
     def _read(self, agent_id: str) -> Optional[Snapshot]:
-        """The agent's stored state as one compact blob, or None (none, or no room)."""
+        """The agent's stored state as one blob (laid out for the restore where ``lay_out``
+        was given: a RestoreImage, its padding on the zero page), or None (none, or no room)."""
         self._yield_point()
         tiers = self._tiers
         record = tiers.store.manifest(agent_id)
@@ -139,7 +144,10 @@ class Prefetcher:
         if stored is None or not isinstance(stored.state, StoredPieces):
             return None
         self._yield_point()
-        blob = seqpieces.assemble(stored.state.shape, stored.state.pieces)
+        blob: Any = seqpieces.assemble(stored.state.shape, stored.state.pieces)
+        if self._lay_out is not None:  # here, not inside the agent's time to first token
+            self._yield_point()
+            blob = self._lay_out(blob, stored.n_tokens)
         snap = Snapshot(stored.tokens, blob, stored.logits, stored.exact, stored.version)
         if snap.nbytes > self._free_bytes() - self.nbytes:
             log.debug("agent %r not prefetched: its %d bytes do not fit the RAM budget",

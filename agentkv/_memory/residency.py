@@ -47,7 +47,8 @@ class Residency:
         self.lease: Optional[str] = None  # the shared tier's lease of the turn's agent
         self._pushed_out: List[Tuple[str, Snapshot]] = []  # what RAM pushed out this turn
         self.prefetcher = Prefetcher(tiers, counters, lambda: ram.budget - ram.nbytes,
-                                     saves.writer.yield_point)
+                                     saves.writer.yield_point,
+                                     engine.lay_out if ram_images else None)
 
     def drop_live(self) -> None:
         """Empty the context, unwritten."""
