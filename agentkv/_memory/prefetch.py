@@ -68,7 +68,8 @@ class Prefetcher:
         self._ready: Dict[str, Snapshot] = {}
         self._busy: Dict[str, threading.Event] = {}
         self._epoch: Dict[str, int] = {}  # per agent: bumped by drop, so a read in flight is void
-        self._queue: "queue.Queue[Optional[Tuple[str, int]]]" = queue.Queue()
+        self._queue: "queue.Queue[Optional[Tuple[str, int, Optional[Callable[[], None]]]]]" = \
+            queue.Queue()
         self._thread = threading.Thread(target=self._run, name="agentkv-prefetch", daemon=True)
         self._thread.start()
 
@@ -77,14 +78,15 @@ class Prefetcher:
         with self._lock:
             return sum(s.nbytes for s in self._ready.values())
 
-    def request(self, agent_id: str) -> None:
-        """Read the agent's stored state in the background (at once if nothing else is)."""
+    def request(self, agent_id: str, first: Optional[Callable[[], None]] = None) -> None:
+        """Read the agent's stored state in the background (at once if nothing else is);
+        ``first`` runs on the prefetch thread before the read (making room for it)."""
         with self._lock:
             if agent_id in self._ready or agent_id in self._busy:
                 return
             self._busy[agent_id] = threading.Event()
             epoch = self._epoch.get(agent_id, 0)
-        self._queue.put((agent_id, epoch))
+        self._queue.put((agent_id, epoch, first))
 
     def take(self, agent_id: str, version: Optional[Version]) -> Optional[Snapshot]:
         """The agent's prefetched state (waiting for a read in flight), if it is the newest:
@@ -116,8 +118,10 @@ class Prefetcher:
             item = self._queue.get()
             if item is None:
                 return
-            agent_id, epoch = item
+            agent_id, epoch, first = item
             try:
+                if first is not None:
+                    first()
                 snap = self._read(agent_id)
                 if snap is not None:
                     with self._lock:

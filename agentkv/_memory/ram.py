@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -20,12 +21,15 @@ class RamTier:
 
     The byte count changes with every put and pop; nothing is re-summed. The order of the
     entries is the tier's one LRU order; each entry carries its agent's last turn's time.
+    The memory's context lock guards it, except for :meth:`pop_if`, which the prefetch thread
+    calls too: every change is also made under the tier's own lock.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._items: "OrderedDict[str, RamEntry]" = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -38,7 +42,8 @@ class RamTier:
 
     def items(self) -> List[Tuple[str, RamEntry]]:
         """Every entry, least recently used first."""
-        return list(self._items.items())
+        with self._lock:
+            return list(self._items.items())
 
     def put(self, agent_id: str, snap: Snapshot, last_used: float
             ) -> List[Tuple[str, Snapshot]]:
@@ -49,21 +54,34 @@ class RamTier:
         self.pop(agent_id)
         if snap.nbytes > self.budget:
             return [(agent_id, snap)]
-        self._items[agent_id] = RamEntry(snap, last_used)
-        self._bytes += snap.nbytes
         evicted: List[Tuple[str, Snapshot]] = []
-        while self._bytes > self.budget:
-            victim, old = self._items.popitem(last=False)
-            self._bytes -= old.snap.nbytes
-            evicted.append((victim, old.snap))
+        with self._lock:
+            self._items[agent_id] = RamEntry(snap, last_used)
+            self._bytes += snap.nbytes
+            while self._bytes > self.budget:
+                victim, old = self._items.popitem(last=False)
+                self._bytes -= old.snap.nbytes
+                evicted.append((victim, old.snap))
         return evicted
 
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
     def pop(self, agent_id: str) -> Optional[RamEntry]:
-        entry = self._items.pop(agent_id, None)
-        if entry is not None:
-            self._bytes -= entry.snap.nbytes
-        return entry
+        with self._lock:
+            entry = self._items.pop(agent_id, None)
+            if entry is not None:
+                self._bytes -= entry.snap.nbytes
+            return entry
+
+    def pop_if(self, agent_id: str, snap: Snapshot) -> bool:
+        """Drop the agent's entry if it still holds ``snap`` (not a newer snapshot)."""
+        with self._lock:
+            entry = self._items.get(agent_id)
+            if entry is None or entry.snap is not snap:
+                return False
+            del self._items[agent_id]
+            self._bytes -= snap.nbytes
+            return True

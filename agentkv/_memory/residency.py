@@ -67,25 +67,38 @@ class Residency:
     def prefetch(self, agent_id: str, wait: bool = False) -> bool:
         """Read the agent's stored state into RAM in the background, making room for it first:
         RAM snapshots already on disk go, least recently used first, while the state would not
-        fit the RAM budget otherwise (``wait``: wait for a snapshot's save to land rather than
-        skip it). True if the read was asked for, or is not needed (live, in RAM, unknown,
-        larger than the budget); False if there is no room yet."""
+        fit the RAM budget otherwise (``wait``: a snapshot whose save is still running counts
+        as room too; the prefetch thread waits for the save to land and drops it then, so
+        that the turn asking ends at once). True if the read was asked for, or is not needed
+        (live, in RAM, unknown, larger than the budget); False if there is no room yet."""
         if self.live == agent_id or self.ram.peek(agent_id) is not None:
             return True
         size = next((n for r, n in self._tiers.store.agents() if r.name == agent_id), None)
         if size is None or size > self.ram.budget:
             return True
-        for victim, _ in self.ram.items():
-            if self.ram.nbytes + self.prefetcher.nbytes + size <= self.ram.budget:
+        later: List[Tuple[str, Snapshot]] = []  # dropped once their saves have landed
+        freed = 0
+        for victim, entry in self.ram.items():
+            if self.ram.nbytes - freed + self.prefetcher.nbytes + size <= self.ram.budget:
                 break
-            if wait:
-                self._saves.writer.wait(victim)
             if self._saves.is_durable(victim):
                 self.ram.pop(victim)
-        if self.ram.nbytes + self.prefetcher.nbytes + size > self.ram.budget:
+            elif wait:
+                later.append((victim, entry.snap))
+                freed += entry.snap.nbytes
+        if self.ram.nbytes - freed + self.prefetcher.nbytes + size > self.ram.budget:
             return False
-        self.prefetcher.request(agent_id)
+        self.prefetcher.request(agent_id, (lambda: self._drop_when_durable(later)) if later
+                                else None)
         return True
+
+    def _drop_when_durable(self, snaps: List[Tuple[str, Snapshot]]) -> None:
+        """On the prefetch thread: drop these RAM snapshots once their saves have landed
+        (unless the agent has a newer one by then)."""
+        for victim, snap in snaps:
+            self._saves.writer.wait(victim, release=False)
+            if self._saves.is_durable(victim):
+                self.ram.pop_if(victim, snap)
 
     def settle(self) -> None:
         """End of a turn: what RAM pushed out during it is made durable now."""
