@@ -28,7 +28,7 @@ import numpy as np
 from . import seqstate
 from . import pieces as seqpieces
 
-__all__ = ["RestoreImage", "ZERO_PAGE", "ZeroPage", "build_image", "zero_runs"]
+__all__ = ["MappedOut", "RestoreImage", "ZERO_PAGE", "ZeroPage", "build_image", "seal", "zero_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +165,48 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
             else dataclasses.replace(parsed, seq_id=seq_id))
     return RestoreImage(buf, kept, cache, window_start,
                      -(-size // page) * page - zero)
+
+
+class MappedOut:
+    """Where an assembly writes a restore image: a private anonymous mapping of the size
+    asked for, none of its pages touched, so that the padding the assembly leaves unwritten
+    can stay on the kernel's zero page (:func:`seal`). The ``take`` / ``written`` pair of
+    :class:`~agentkv._format.buffers.ZeroedBuffer`."""
+
+    def __init__(self) -> None:
+        self.mm: Optional[mmap.mmap] = None
+        self.buf: Optional[np.ndarray] = None
+        self.written: List[Tuple[int, int]] = []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        self.mm = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE)
+        self.mm.madvise(_MADV_NOHUGEPAGE)
+        self.buf = np.frombuffer(self.mm, dtype=np.uint8)[:nbytes]
+        return self.buf
+
+
+def seal(out: MappedOut, cache: int, window_start: int) -> Optional[RestoreImage]:
+    """A RestoreImage of the blob assembled into ``out``, whose SWA cache ``cache`` holds
+    masked cells below ``window_start`` with rows the assembly never wrote: the page-aligned
+    insides of those rows are populated read-only with the zero page (no RAM, and no page
+    fault when llama.cpp reads them). None where the kernel cannot (the caller copies)."""
+    if ZERO_PAGE.supported is False or out.mm is None or out.buf is None:
+        return None
+    buf = out.buf
+    parsed = seqstate.parse(buf)
+    page = mmap.PAGESIZE
+    zero = 0
+    try:
+        for a, b in zero_runs(parsed, cache, window_start):
+            a, b = -(-a // page) * page, b // page * page
+            if b > a:
+                out.mm.madvise(ZERO_PAGE.advice, a, b - a)
+                zero += b - a
+    except (OSError, AttributeError) as exc:
+        if isinstance(exc, AttributeError) or exc.errno == errno.EINVAL:
+            log.info("RAM snapshots stay compact: the zero page cannot back their padding (%s)",
+                     exc)
+            ZERO_PAGE.supported = False
+        return None
+    ZERO_PAGE.supported = True
+    return RestoreImage(buf, parsed, cache, window_start, -(-buf.nbytes // page) * page - zero)

@@ -46,10 +46,10 @@ from ..errors import CorruptEntry
 from . import pieces as seqpieces
 from . import seqstate
 from .buffers import ZeroedBuffer
-from .image import RestoreImage, build_image
+from .image import MappedOut, RestoreImage, build_image, seal
 from .snapshot import StoredPieces, check_state
 
-__all__ = ["Model", "SPLIT", "ORDERED", "FIXED", "compact", "keep_from", "lay_out", "load_from",
+__all__ = ["Model", "SPLIT", "ORDERED", "FIXED", "assemble_image", "compact", "keep_from", "load_from",
            "restore_bytes"]
 
 SPLIT = "split"  # flash attention, f16/f32 K and V of one type: split-KV decode, 64-cell tiles
@@ -150,26 +150,24 @@ def compact(model: Model, whole: np.ndarray, n: int, start: int, image: bool, n_
     return seqstate.set_window_start(whole, parsed, 1, start, model.seq_id)
 
 
-def lay_out(model: Model, blob: np.ndarray, n: int, n_threads: int
-            ) -> Union[np.ndarray, RestoreImage]:
-    """A compact sequence state (a snapshot's, ``n`` tokens) as a RestoreImage laid out for a
-    context decoding with ``n_threads``, where this model pads it and the kernel can back the
-    padding; else ``blob`` itself. For states read ahead of their restore (prefetch), so that
-    the restore loads them with no copy, as a RAM snapshot's."""
-    if n == 0 or model.n_swa <= 0:
-        return blob
+def assemble_image(model: Model, stored: StoredPieces, n: int, n_threads: int
+                   ) -> Union[np.ndarray, RestoreImage]:
+    """Stored pieces (a prefetch's read; blocks still in their files are read into place and
+    checked there) assembled straight into the layout a restore loads for a context decoding
+    with ``n_threads``: a RestoreImage in a private mapping whose padding is the zero page, so
+    that the restore loads it with no copy and its RAM is the data's. A plain blob where this
+    model needs no padding or the kernel cannot back it. Raises CorruptEntry as a restore's
+    assembly does."""
+    out = MappedOut()
+    blob, window_start = _assemble(model, stored, n, out, n_threads)  # type: ignore[arg-type]
     parsed = seqstate.parse(blob)
-    if len(parsed.caches) != 2:
-        return blob
-    swa = parsed.caches[-1].only_stream()
-    if swa is None or not swa.simple_cells or not swa.is_contiguous or swa.pos_max != n - 1 \
-            or swa.pos_min <= 0:
-        return blob
-    first = load_from(model, n, swa.pos_min, n_threads)
-    if first >= swa.pos_min:
-        return blob
-    image = build_image(blob, parsed, 1, swa.pos_min, model.seq_id, first)
-    return blob if image is None else image
+    last = len(parsed.caches) - 1
+    swa = parsed.caches[last].only_stream() if last > 0 else None
+    if swa is not None and swa.pos_min < window_start:
+        image = seal(out, last, window_start)
+        if image is not None:
+            return image
+    return blob  # no padding: every page of the mapping is data
 
 
 def restore_bytes(model: Model, state: Any, n: int, out: ZeroedBuffer, n_threads: int

@@ -20,9 +20,8 @@ import queue
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import numpy as np
-
 from .._format import pieces as seqpieces
+from .._format.buffers import ReadArena
 from .._format.snapshot import Snapshot, StoredPieces
 from .counters import Counters
 from .tiers import Tiers, Version
@@ -58,9 +57,12 @@ class Prefetcher:
 
     def __init__(self, tiers: Tiers, counters: Counters, free_bytes: Callable[[], int],
                  yield_point: Callable[[], None],
-                 lay_out: Optional[Callable[[np.ndarray, int], Any]] = None) -> None:
+                 assemble: Optional[Callable[[StoredPieces, int], Any]] = None) -> None:
         self._tiers = tiers
-        self._lay_out = lay_out  # (blob, n_tokens) -> the state a restore loads at once
+        # (pieces, n_tokens) -> the state a restore loads at once; blocks are then read
+        # straight into it (this thread's own arena holds the rest of a read)
+        self._assemble = assemble
+        self._arena = ReadArena()
         self._counters = counters
         self._free_bytes = free_bytes
         self._yield_point = yield_point
@@ -137,21 +139,24 @@ class Prefetcher:
                     done.set()
 
     def _read(self, agent_id: str) -> Optional[Snapshot]:
-        """The agent's stored state as one blob (laid out for the restore where ``lay_out``
-        was given: a RestoreImage, its padding on the zero page), or None (none, or no room)."""
+        """The agent's stored state as one blob (assembled in the restore's layout where
+        ``assemble`` was given: a RestoreImage, its padding on the zero page), or None (none,
+        or no room)."""
         self._yield_point()
         tiers = self._tiers
         record = tiers.store.manifest(agent_id)
         if record is None or record.fingerprint != tiers.fingerprint.hex():
             return None
-        stored, nread = tiers.store.get(agent_id, tiers.fingerprint)
+        stored, nread = tiers.store.get(agent_id, tiers.fingerprint,
+                                        arena=None if self._assemble is None else self._arena)
         if stored is None or not isinstance(stored.state, StoredPieces):
             return None
         self._yield_point()
-        blob: Any = seqpieces.assemble(stored.state.shape, stored.state.pieces)
-        if self._lay_out is not None:  # here, not inside the agent's time to first token
-            self._yield_point()
-            blob = self._lay_out(blob, stored.n_tokens)
+        blob: Any
+        if self._assemble is not None:  # here, not inside the agent's time to first token
+            blob = self._assemble(stored.state, stored.n_tokens)
+        else:
+            blob = seqpieces.assemble(stored.state.shape, stored.state.pieces)
         snap = Snapshot(stored.tokens, blob, stored.logits, stored.exact, stored.version)
         if snap.nbytes > self._free_bytes() - self.nbytes:
             log.debug("agent %r not prefetched: its %d bytes do not fit the RAM budget",

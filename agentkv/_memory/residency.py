@@ -48,7 +48,7 @@ class Residency:
         self._pushed_out: List[Tuple[str, Snapshot]] = []  # what RAM pushed out this turn
         self.prefetcher = Prefetcher(tiers, counters, lambda: ram.budget - ram.nbytes,
                                      saves.writer.yield_point,
-                                     engine.lay_out if ram_images else None)
+                                     engine.assemble_image if ram_images else None)
 
     def drop_live(self) -> None:
         """Empty the context, unwritten."""

@@ -85,16 +85,18 @@ class StoreReads(StoreBase):
         return len(payload)
 
     def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False,
-            remote: Optional[Tuple[bytes, Overlay]] = None) -> Tuple[Optional[Snapshot], int]:
+            remote: Optional[Tuple[bytes, Overlay]] = None, arena: Optional[ReadArena] = None
+            ) -> Tuple[Optional[Snapshot], int]:
         """The agent's stored snapshot (checked) and the bytes read; ``(None, 0)`` if none.
 
         Raises CorruptEntry or FingerprintMismatch; the caller decides what to drop.
         ``scratch``: read into the store's reused buffer; the snapshot is then only valid until
         the next scratch read (AgentMemory restores it at once, inside its turn).
         ``remote``: a manifest read from the shared tier and the payloads read with it (the
-        ones this store lacks); it is checked exactly as a manifest on disk.
+        ones this store lacks); it is checked exactly as a manifest on disk. ``arena``: as
+        ``scratch``, in a reused buffer of the caller's (a reader on another thread).
         """
-        into = self._arena if scratch else None
+        into = arena if arena is not None else (self._arena if scratch else None)
         key = agent_key(agent_id)
         overlay = None if remote is None else remote[1]
         for attempt in range(2):  # another process may replace the agent's state under us
