@@ -78,7 +78,6 @@ def test_a_long_prefetched_state_is_laid_out_before_its_turn(tmp_path):
     """An agent whose restore pads its SWA cache (a long context, flash attention) is read
     ahead as a RestoreImage, laid out in the background, so that its return loads it with no
     copy inside its time to first token; it answers as it does from disk without prefetch."""
-    from agentkv._format.image import RestoreImage
     from conftest import make_llm
     llm = make_llm(n_ctx=2048)
     long = {name: f"{name} log: " + " ".join(f"a stone numbered {i} rolls {name}ward."
@@ -100,15 +99,11 @@ def test_a_long_prefetched_state_is_laid_out_before_its_turn(tmp_path):
                                                     max_tokens=3, temperature=0)
                         seen.append((out["choices"][0]["text"], last_logits(llm),
                                      mem.last_turn.source))
-                        pf = mem._res.prefetcher  # what it read for the agent predicted next
-                        nxt = names[(i + 1) % len(names)]
-                        busy = pf._busy.get(nxt)
-                        if busy is not None:
-                            busy.wait()
-                        held = pf._ready.get(nxt)
+                        nxt = names[(i + 1) % len(names)]  # what it read for the next agent
+                        held = mem.inspect().prefetched(nxt)
                         if held is not None:  # its padding on the zero page, not in its RAM
-                            laid.append(isinstance(held.state, RestoreImage)
-                                        and held.state.nbytes < held.state.buf.nbytes)
+                            layout, owned, loaded = held
+                            laid.append(layout == "image" and owned < loaded)
             runs[prefetch] = seen, laid
         (plain, _), (fetched, laid) = runs[False], runs[True]
         assert [s for _, _, s in plain] == ["cold"] * 3 + ["disk"] * 6

@@ -133,31 +133,15 @@ def build_image(whole: np.ndarray, parsed: seqstate.SeqState, cache: int, window
                                          for sp in st.k + st.v)
     size = int(whole.nbytes) - (load_from - st.pos_min) * per_cell
     page = mmap.PAGESIZE
+    out = MappedOut()
     try:
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        buf = out.take(size)  # its views keep the mapping alive; unmapped with the last one
     except OSError as exc:  # out of address space or commit charge: this snapshot stays compact
         log.debug("no mapping for a laid-out snapshot (%s); keeping it compact", exc)
         return None
-    runs = _trimmed_runs(st, load_from, window_start)
-    zero = 0
-    try:
-        mm.madvise(_MADV_NOHUGEPAGE)
-        for a, b in runs:
-            a, b = -(-a // page) * page, b // page * page
-            if b > a:
-                mm.madvise(ZERO_PAGE.advice, a, b - a)
-                zero += b - a
-    except (OSError, AttributeError) as exc:
-        mm.close()
-        if isinstance(exc, AttributeError) or exc.errno == errno.EINVAL:  # not this kernel's
-            log.info("RAM snapshots stay compact: the zero page cannot back their padding (%s)",
-                     exc)
-            ZERO_PAGE.supported = False
-        else:
-            log.debug("could not back a snapshot's padding (%s); keeping it compact", exc)
+    zero = _zero_back(out, _trimmed_runs(st, load_from, window_start))
+    if zero is None:
         return None
-    ZERO_PAGE.supported = True
-    buf = np.frombuffer(mm, dtype=np.uint8)  # keeps the mapping alive; unmapped with the last view
     # writes every byte but the zero runs' rows (the padding stays on the zero page)
     seqstate.set_window_start(whole, parsed, cache, load_from, seq_id, out=lambda _: buf,
                               zero_below=window_start)
@@ -185,28 +169,46 @@ class MappedOut:
         return self.buf
 
 
-def seal(out: MappedOut, cache: int, window_start: int) -> Optional[RestoreImage]:
-    """A RestoreImage of the blob assembled into ``out``, whose SWA cache ``cache`` holds
-    masked cells below ``window_start`` with rows the assembly never wrote: the page-aligned
-    insides of those rows are populated read-only with the zero page (no RAM, and no page
-    fault when llama.cpp reads them). None where the kernel cannot (the caller copies)."""
-    if ZERO_PAGE.supported is False or out.mm is None or out.buf is None:
-        return None
-    buf = out.buf
-    parsed = seqstate.parse(buf)
+def _zero_back(out: MappedOut, runs: List[Tuple[int, int]]) -> Optional[int]:
+    """Populate the page-aligned insides of ``runs`` (byte ranges of ``out``'s mapping, none
+    written yet) read-only with the kernel's zero page; the bytes so backed, or None where
+    the kernel cannot (learnt once for this kernel) or the call failed."""
+    assert out.mm is not None
     page = mmap.PAGESIZE
     zero = 0
     try:
-        for a, b in zero_runs(parsed, cache, window_start):
+        for a, b in runs:
             a, b = -(-a // page) * page, b // page * page
             if b > a:
                 out.mm.madvise(ZERO_PAGE.advice, a, b - a)
                 zero += b - a
     except (OSError, AttributeError) as exc:
-        if isinstance(exc, AttributeError) or exc.errno == errno.EINVAL:
+        if isinstance(exc, AttributeError) or exc.errno == errno.EINVAL:  # not this kernel's
             log.info("RAM snapshots stay compact: the zero page cannot back their padding (%s)",
                      exc)
             ZERO_PAGE.supported = False
+        else:
+            log.debug("could not back a snapshot's padding (%s); keeping it compact", exc)
         return None
     ZERO_PAGE.supported = True
-    return RestoreImage(buf, parsed, cache, window_start, -(-buf.nbytes // page) * page - zero)
+    return zero
+
+
+def seal(out: MappedOut, window_start: int) -> Optional[RestoreImage]:
+    """A RestoreImage of the blob assembled into ``out`` whose last (SWA) cache holds masked
+    cells below ``window_start``, their rows never written: those rows are put on the zero
+    page (no RAM, and no page fault when llama.cpp reads them). None where there is no such
+    padding or the kernel cannot back it (the caller keeps the blob as it is)."""
+    if ZERO_PAGE.supported is False or out.buf is None:
+        return None
+    parsed = seqstate.parse(out.buf)
+    cache = len(parsed.caches) - 1
+    st = parsed.caches[cache].only_stream() if cache > 0 else None
+    if st is None or st.pos_min >= window_start:
+        return None
+    zero = _zero_back(out, zero_runs(parsed, cache, window_start))
+    if zero is None:
+        return None
+    page = mmap.PAGESIZE
+    return RestoreImage(out.buf, parsed, cache, window_start,
+                        -(-out.buf.nbytes // page) * page - zero)

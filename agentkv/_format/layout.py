@@ -159,15 +159,9 @@ def assemble_image(model: Model, stored: StoredPieces, n: int, n_threads: int
     model needs no padding or the kernel cannot back it. Raises CorruptEntry as a restore's
     assembly does."""
     out = MappedOut()
-    blob, window_start = _assemble(model, stored, n, out, n_threads)  # type: ignore[arg-type]
-    parsed = seqstate.parse(blob)
-    last = len(parsed.caches) - 1
-    swa = parsed.caches[last].only_stream() if last > 0 else None
-    if swa is not None and swa.pos_min < window_start:
-        image = seal(out, last, window_start)
-        if image is not None:
-            return image
-    return blob  # no padding: every page of the mapping is data
+    blob, window_start = _assemble(model, stored, n, out, n_threads)
+    image = seal(out, window_start)
+    return blob if image is None else image  # no padding: every page of the mapping is data
 
 
 def restore_bytes(model: Model, state: Any, n: int, out: ZeroedBuffer, n_threads: int
@@ -191,8 +185,8 @@ def restore_bytes(model: Model, state: Any, n: int, out: ZeroedBuffer, n_threads
     return _pad(model, state, check_state(state, n), n, out, n_threads)
 
 
-def _assemble(model: Model, stored: StoredPieces, n: int, out: ZeroedBuffer, n_threads: int
-              ) -> Tuple[np.ndarray, int]:
+def _assemble(model: Model, stored: StoredPieces, n: int,
+              out: Union[ZeroedBuffer, MappedOut], n_threads: int) -> Tuple[np.ndarray, int]:
     """Pieces read from disk assembled straight into the layout a restore loads (one copy)."""
     shape, pieces = stored.shape, stored.pieces
     last = len(shape.caches) - 1

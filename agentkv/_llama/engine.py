@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - llama-cpp-python is a hard depe
 
 from .._format import layout
 from .._format.buffers import Buffers
-from .._format.snapshot import Snapshot, StoredPieces, check_state
+from .._format.snapshot import Snapshot, check_state
 from ..errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
 from .draft import drafted_generate, greedy_refusal
 from .hooks import TurnHooks
@@ -224,11 +224,6 @@ class Engine:
             except CorruptEntry as exc:  # an unfamiliar layout: fall back to the plain state
                 log.debug("whole-context state not trimmable (%s); saving the sequence state", exc)
         return Snapshot(tokens, self.state_bytes(_SEQ), logits, self.cold_exact)
-
-    def assemble_image(self, stored: StoredPieces, n: int) -> Any:
-        """Stored pieces of ``n`` tokens assembled in this context's restore layout
-        (layout.assemble_image: a RestoreImage where it pads)."""
-        return layout.assemble_image(self.model, stored, n, self.n_threads())
 
     def restore(self, snap: Snapshot) -> None:
         """Make ``snap`` the live sequence; raise CorruptEntry/RestoreFailed (context cleared)."""

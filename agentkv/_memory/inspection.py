@@ -73,6 +73,19 @@ class Inspection:
             return None
         return "image" if isinstance(snap.state, RestoreImage) else "compact"
 
+    def prefetched(self, agent_id: str) -> Optional[Tuple[str, int, int]]:
+        """What a prefetch read ahead for the agent (waiting for a read in flight): its layout
+        ("image" or "compact", as :meth:`ram_layout`), the bytes of RAM it owns and the bytes
+        a restore loads from it; None if nothing is read ahead."""
+        snap = self._mem._res.prefetcher.peek(agent_id)
+        if snap is None:
+            return None
+        state = snap.state
+        if isinstance(state, RestoreImage):
+            return "image", state.nbytes, int(state.buf.nbytes)
+        size = memoryview(state).nbytes  # type: ignore[arg-type]  # a blob, never pieces here
+        return "compact", size, size
+
     def live(self) -> Tuple[Optional[str], np.ndarray]:
         """The agent whose KV the context holds (None: none) and its tokens."""
         with self._mem._exclusive():

@@ -59,9 +59,10 @@ class Prefetcher:
                  yield_point: Callable[[], None],
                  assemble: Optional[Callable[[StoredPieces, int], Any]] = None) -> None:
         self._tiers = tiers
-        # (pieces, n_tokens) -> the state a restore loads at once; blocks are then read
-        # straight into it (this thread's own arena holds the rest of a read)
-        self._assemble = assemble
+        # (pieces, n_tokens) -> the one blob kept: by default compact; the memory passes the
+        # restore's layout. Blocks are read straight into it (this thread's own arena holds
+        # the rest of a read).
+        self._assemble = assemble or (lambda st, _n: seqpieces.assemble(st.shape, st.pieces))
         self._arena = ReadArena()
         self._counters = counters
         self._free_bytes = free_bytes
@@ -89,6 +90,15 @@ class Prefetcher:
             self._busy[agent_id] = threading.Event()
             epoch = self._epoch.get(agent_id, 0)
         self._queue.put((agent_id, epoch, first))
+
+    def peek(self, agent_id: str) -> Optional[Snapshot]:
+        """What was read ahead for the agent (waiting for a read in flight), left in place."""
+        with self._lock:
+            busy = self._busy.get(agent_id)
+        if busy is not None:
+            busy.wait()
+        with self._lock:
+            return self._ready.get(agent_id)
 
     def take(self, agent_id: str, version: Optional[Version]) -> Optional[Snapshot]:
         """The agent's prefetched state (waiting for a read in flight), if it is the newest:
@@ -147,16 +157,11 @@ class Prefetcher:
         record = tiers.store.manifest(agent_id)
         if record is None or record.fingerprint != tiers.fingerprint.hex():
             return None
-        stored, nread = tiers.store.get(agent_id, tiers.fingerprint,
-                                        arena=None if self._assemble is None else self._arena)
+        stored, nread = tiers.store.get(agent_id, tiers.fingerprint, arena=self._arena)
         if stored is None or not isinstance(stored.state, StoredPieces):
             return None
         self._yield_point()
-        blob: Any
-        if self._assemble is not None:  # here, not inside the agent's time to first token
-            blob = self._assemble(stored.state, stored.n_tokens)
-        else:
-            blob = seqpieces.assemble(stored.state.shape, stored.state.pieces)
+        blob = self._assemble(stored.state, stored.n_tokens)  # not inside the agent's TTFT
         snap = Snapshot(stored.tokens, blob, stored.logits, stored.exact, stored.version)
         if snap.nbytes > self._free_bytes() - self.nbytes:
             log.debug("agent %r not prefetched: its %d bytes do not fit the RAM budget",

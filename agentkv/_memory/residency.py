@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Callable, List, Optional, Tuple
 
+from .._format import layout
 from .._format.snapshot import Snapshot
 from .._llama.engine import Engine
 from .._store.disk import agent_key
@@ -46,9 +47,10 @@ class Residency:
         self.live_since = 0.0  # wall-clock end of the live agent's last turn
         self.lease: Optional[str] = None  # the shared tier's lease of the turn's agent
         self._pushed_out: List[Tuple[str, Snapshot]] = []  # what RAM pushed out this turn
-        self.prefetcher = Prefetcher(tiers, counters, lambda: ram.budget - ram.nbytes,
-                                     saves.writer.yield_point,
-                                     engine.assemble_image if ram_images else None)
+        self.prefetcher = Prefetcher(
+            tiers, counters, lambda: ram.budget - ram.nbytes, saves.writer.yield_point,
+            (lambda stored, n: layout.assemble_image(engine.model, stored, n, engine.n_threads()))
+            if ram_images else None)
 
     def drop_live(self) -> None:
         """Empty the context, unwritten."""
