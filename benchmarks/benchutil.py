@@ -211,13 +211,33 @@ def files_under(directory: str) -> List[str]:
     return sorted(found)
 
 
-def drop_page_cache(directory: str) -> int:
+def open_payloads(directory: str) -> set:
+    """Files under ``directory`` this process has open now, but for SQLite's (diskcache's
+    index, always open): the payloads a read in flight (a prefetch) is reading."""
+    root = os.path.realpath(directory) + os.sep
+    found = set()
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        try:
+            path = os.readlink(os.path.join("/proc/self/fd", fd))
+        except OSError:
+            continue
+        if path.startswith(root) and ".db" not in os.path.basename(path):
+            found.add(path)
+    return found
+
+
+def drop_page_cache(directory: str, keep_open: bool = False) -> int:
     """Write back and drop every file under ``directory`` from the page cache; returns bytes.
 
     ``POSIX_FADV_DONTNEED`` leaves dirty pages in place, so each file is fdatasync'ed first.
+    ``keep_open``: leave the payloads a read in flight has open (:func:`open_payloads`):
+    dropping them would undo a prefetch's readahead, which no real program does.
     """
     total = 0
+    keep = open_payloads(directory) if keep_open else set()
     for path in files_under(directory):
+        if keep and os.path.realpath(path) in keep:
+            continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import numpy as np
+import pytest
 
 from agentkv import AgentMemory
 from conftest import last_logits
@@ -71,6 +76,24 @@ def test_prefetch_on_request_and_what_it_refuses(llm, tmp_path):
         small.create_completion("coder", PROMPTS["coder"] + " More:", max_tokens=2, temperature=0)
         assert small.last_turn.source == "disk"
         assert small.stats().prefetch_reads == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class only")
+def test_the_prefetch_thread_reads_in_the_idle_class(llm, tmp_path):
+    """The thread that reads blocks into place runs in Linux's idle scheduling class, so a
+    read ahead takes no CPU the decode wants; the one that opens them (and so starts the
+    disk's readahead) and the caller's thread, whose turn decodes, keep their class."""
+    mine = os.sched_getscheduler(0)
+    with AgentMemory(llm, cache_dir=tmp_path / "c", prefetch=True):
+        threads = {t.name: t for t in threading.enumerate() if t.name.startswith("agentkv-prefetch")}
+        assert set(threads) == {"agentkv-prefetch", "agentkv-prefetch-read"}
+        reader = threads["agentkv-prefetch-read"].native_id
+        deadline = time.monotonic() + 5.0  # the thread sets its class as it starts
+        while os.sched_getscheduler(reader) != os.SCHED_IDLE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.sched_getscheduler(reader) == os.SCHED_IDLE
+        assert os.sched_getscheduler(threads["agentkv-prefetch"].native_id) == mine
+        assert os.sched_getscheduler(0) == mine
 
 
 

@@ -1,9 +1,11 @@
 """Prefetch: an agent's state read from disk into RAM while another agent's turn runs.
 
-:class:`Prefetcher` runs one background thread. ``request(agent_id)`` returns at once; the
-thread waits while a returning agent waits for its first token (the writer's pacing), reads
-the agent's stored state, checks it as a restore does, assembles it into one compact blob and
-keeps it, within what the RAM budget leaves free. The agent's next activation takes it
+:class:`Prefetcher` runs in the background. ``request(agent_id)`` returns at once; once a
+returning agent has its first token (the writer's pacing), one thread asks the kernel to read
+the agent's payloads ahead, so that the disk reads them into the page cache while the turn
+decodes; a second thread, in Linux's idle scheduling class (its CPU is only what the decode leaves, and
+all of it once the turn ends or a restore waits for it), reads them into one blob, checks it
+as a restore does and keeps it, within what the RAM budget leaves free. The agent's next activation takes it
 (:meth:`take`, waiting for a read in flight) instead of reading the disk inside its time to
 first token. A prefetched state is only used if it is the agent's newest (its version is the
 one this process holds); anything that fails is dropped quietly, and the turn reads the disk
@@ -16,8 +18,11 @@ last time it ran (round-robin teams and fixed chains such as planner -> coder ->
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .._format import pieces as seqpieces
@@ -29,6 +34,20 @@ from .tiers import Tiers, Version
 __all__ = ["NextAgent", "Prefetcher"]
 
 log = logging.getLogger("agentkv.memory")
+
+
+def _lower_priority() -> None:
+    """Put the calling thread (only it) in Linux's idle scheduling class: it then runs only
+    on a core nothing else wants, so a read ahead never takes CPU from the turn's decode, and
+    runs at full speed once the turn is over or a restore waits for it. (Its own disk reads
+    are then idle-class I/O too, which a busy disk serves last: the opener's readahead, in the
+    normal class, has asked for them already.) Elsewhere: nothing."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:  # a sandbox may refuse it: the reads then run in the normal class
+        log.debug("prefetch thread stays in the normal scheduling class: %s", exc)
 
 
 class NextAgent:
@@ -52,8 +71,10 @@ class NextAgent:
 
 
 class Prefetcher:
-    """One background reader; ``free_bytes()`` is what the RAM budget leaves now, and
-    ``yield_point()`` waits while a restore holds the writer (the same pacing as saves)."""
+    """Two background threads: an opener (normal scheduling class) asks the kernel to read
+    the agent's payloads ahead; a reader (idle class) reads them into place and checks them. ``free_bytes()`` is what the RAM budget
+    leaves now, and ``yield_point()`` waits while a restore holds the writer (the same pacing
+    as saves)."""
 
     def __init__(self, tiers: Tiers, counters: Counters, free_bytes: Callable[[], int],
                  yield_point: Callable[[], None],
@@ -73,8 +94,13 @@ class Prefetcher:
         self._epoch: Dict[str, int] = {}  # per agent: bumped by drop, so a read in flight is void
         self._queue: "queue.Queue[Optional[Tuple[str, int, Optional[Callable[[], None]]]]]" = \
             queue.Queue()
+        # agents whose readahead was asked, handed from the opener to the reader
+        self._reads: "queue.Queue[Optional[Tuple[str, int]]]" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="agentkv-prefetch", daemon=True)
+        self._reader = threading.Thread(target=self._read_ahead, name="agentkv-prefetch-read",
+                                        daemon=True)
         self._thread.start()
+        self._reader.start()
 
     @property
     def nbytes(self) -> int:
@@ -123,17 +149,37 @@ class Prefetcher:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self._reader.join()
         self.drop()
 
     def _run(self) -> None:
+        """The opener (normal class, little CPU): asks the kernel to read the agent's payloads
+        into the page cache, so that the disk works while the turn decodes, and hands the
+        agent to the reader."""
         while True:
             item = self._queue.get()
             if item is None:
+                self._reads.put(None)
                 return
             agent_id, epoch, first = item
             try:
                 if first is not None:
                     first()
+                self._yield_point()
+                self._tiers.store.read_ahead(agent_id)
+            except Exception as exc:  # noqa: BLE001 - the reader reads what it can
+                log.debug("readahead of agent %r failed: %s", agent_id, exc)
+            self._reads.put((agent_id, epoch))
+
+    def _read_ahead(self) -> None:
+        """The reader (idle class): reads and checks the agent's state, and keeps it."""
+        _lower_priority()
+        while True:
+            item = self._reads.get()
+            if item is None:
+                return
+            agent_id, epoch = item
+            try:
                 snap = self._read(agent_id)
                 if snap is not None:
                     with self._lock:
@@ -153,6 +199,7 @@ class Prefetcher:
         ``assemble`` was given: a RestoreImage, its padding on the zero page), or None (none,
         or no room)."""
         self._yield_point()
+        t0, c0 = time.perf_counter(), time.thread_time()
         tiers = self._tiers
         record = tiers.store.manifest(agent_id)
         if record is None or record.fingerprint != tiers.fingerprint.hex():
@@ -163,6 +210,9 @@ class Prefetcher:
         self._yield_point()
         blob = self._assemble(stored.state, stored.n_tokens)  # not inside the agent's TTFT
         snap = Snapshot(stored.tokens, blob, stored.logits, stored.exact, stored.version)
+        log.debug("prefetch of agent %r: %d bytes read and checked in %.1f ms (%.1f ms of CPU)",
+                  agent_id, nread, (time.perf_counter() - t0) * 1e3,
+                  (time.thread_time() - c0) * 1e3)
         if snap.nbytes > self._free_bytes() - self.nbytes:
             log.debug("agent %r not prefetched: its %d bytes do not fit the RAM budget",
                       agent_id, snap.nbytes)

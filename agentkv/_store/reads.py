@@ -4,6 +4,7 @@ prefix of a prompt that restores exactly (and where to store a new one)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -83,6 +84,23 @@ class StoreReads(StoreBase):
         piece = decode_block(payload, fingerprint, key[4:], chain, c, pos0, B, self.at_rest)
         pieces.append(from_rest(shape, piece, self.at_rest, lazy=into is not None))
         return len(payload)
+
+    def read_ahead(self, agent_id: str) -> int:
+        """Ask the kernel to read the agent's payloads (its tail and blocks) into the page
+        cache in the background; nothing is read or checked here (:meth:`get` does that).
+        Returns the number of files asked for (0: not stored, or no such call here)."""
+        r = self.manifest(agent_id)
+        if r is None or r.tail is None or not hasattr(os, "posix_fadvise"):
+            return 0
+        n = 0
+        for key in [r.tail, *(k for keys in r.blocks for k in keys)]:
+            f = self._cache.get(key, read=True)  # an open file, or a small payload's bytes
+            if f is None or isinstance(f, io.BytesIO):
+                continue
+            with f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+            n += 1
+        return n
 
     def get(self, agent_id: str, fingerprint: bytes, scratch: bool = False,
             remote: Optional[Tuple[bytes, Overlay]] = None, arena: Optional[ReadArena] = None
