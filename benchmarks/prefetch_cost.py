@@ -44,8 +44,10 @@ def timed_turn(mem: AgentMemory, agent_id: str, prompt: List[int], max_tokens: i
     t0 = time.perf_counter()
     first = None
     n = 0
+    last = t0
     for _ in mem.create_completion(agent_id, prompt, max_tokens=max_tokens, temperature=0,
                                    stream=True):
+        last = time.perf_counter()
         n += 1
         if first is None:
             first = time.perf_counter()
@@ -54,7 +56,8 @@ def timed_turn(mem: AgentMemory, agent_id: str, prompt: List[int], max_tokens: i
     end = time.perf_counter()
     if first is None:
         raise RuntimeError("the turn produced no token")
-    return {"ttft_s": first - t0, "after_first_s": end - first, "generated": n}
+    return {"ttft_s": first - t0, "after_first_s": end - first, "decode_s": last - first,
+            "end_of_turn_s": end - last, "generated": n}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -124,6 +127,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         pairs.setdefault(r["pair"], {})[r["prefetch"]] = r["after_first_s"]
     ratios = [v[True] / v[False] for v in pairs.values() if len(v) == 2]
+    parts = {f"{k}_ms_{'with' if w else 'without'}": statistics.median(r[k] for r in rows
+                                                                       if r["prefetch"] == w) * 1e3
+             for k in ("decode_s", "end_of_turn_s") for w in (True, False)}
     with_pf = statistics.median(r["after_first_s"] for r in rows if r["prefetch"])
     without = statistics.median(r["after_first_s"] for r in rows if not r["prefetch"])
     summary = {"pairs": len(ratios), "max_tokens": args.max_tokens,
@@ -131,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "after_first_ms_without": without * 1e3, "slowdown": with_pf / without - 1.0,
                "median_pairwise_slowdown": statistics.median(ratios) - 1.0,
                "prefetched": sum(1 for r in rows if r.get("prefetched")),
-               "hits": hits}
+               "hits": hits, **parts}
     print(bu.machine_line())
     print(f"ctx_tokens={args.ctx_tokens} guests={args.guests} pairs={args.pairs} "
           f"max_tokens={args.max_tokens} threads={args.threads}; hits {hits}")
@@ -140,6 +146,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"without: {100 * summary['slowdown']:+.1f}% (median of per-pair ratios "
           f"{100 * summary['median_pairwise_slowdown']:+.1f}%); "
           f"{summary['prefetched']} of {summary['pairs']} reads kept")
+    print(f"  of which decode (first to last token) {parts['decode_s_ms_with']:.1f} ms with, "
+          f"{parts['decode_s_ms_without']:.1f} ms without; end of the turn (its save) "
+          f"{parts['end_of_turn_s_ms_with']:.1f} ms with, {parts['end_of_turn_s_ms_without']:.1f} "
+          f"ms without")
     bu.write_json(args.json, {"machine": bu.machine(), "args": vars(args), "summary": summary,
                               "turns": rows})
     return 0
