@@ -72,16 +72,16 @@ class NextAgent:
 
 class Prefetcher:
     """Two background threads: an opener (normal scheduling class) asks the kernel to read
-    the agent's payloads ahead; a reader (idle class) reads them into place and checks them. ``free_bytes()`` is what the RAM budget
-    leaves now, and ``yield_point()`` waits while a restore holds the writer (the same pacing
-    as saves)."""
+    the agent's payloads ahead; a reader (idle class) reads them into place and checks them.
+    ``free_bytes()`` is what the RAM budget leaves now, and ``yield_point()`` waits while a
+    restore holds the writer (the same pacing as saves)."""
 
     def __init__(self, tiers: Tiers, counters: Counters, free_bytes: Callable[[], int],
                  yield_point: Callable[[], None],
                  assemble: Optional[Callable[[StoredPieces, int], Any]] = None) -> None:
         self._tiers = tiers
         # (pieces, n_tokens) -> the one blob kept: by default compact; the memory passes the
-        # restore's layout. Blocks are read straight into it (this thread's own arena holds
+        # restore's layout. Blocks are read straight into it (the reader's own arena holds
         # the rest of a read).
         self._assemble = assemble or (lambda st, _n: seqpieces.assemble(st.shape, st.pieces))
         self._arena = ReadArena()

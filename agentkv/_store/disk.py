@@ -76,6 +76,9 @@ class NoDisk:
     def chain_of(self, tokens: np.ndarray, fingerprint: bytes) -> List[str]:
         return []
 
+    def read_ahead(self, agent_id: str) -> int:
+        return 0
+
     def get(self, *args: Any, **kwargs: Any) -> Tuple[Optional[Snapshot], int]:
         return None, 0
 
