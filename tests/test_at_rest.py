@@ -41,8 +41,9 @@ def test_at_rest_is_smaller_and_close(llm, tmp_path, fmt, max_ratio, max_kl):
     logits_bytes = 2 * 4 * llm.n_vocab()  # two agents' carried logits (exact mode only)
     assert disk < max_ratio * (exact_disk - logits_bytes)
     assert kl(exact_logits, logits) < max_kl
-    if fmt == "q8_0":
-        assert int(np.argmax(logits)) == int(np.argmax(exact_logits))
+    if fmt == "q8_0":  # its top token is the exact one, or ties with it within 0.1 logit
+        # (this prompt's top two are 0.018 apart on AVX2 builds: q8_0 may swap them there)
+        assert exact_logits[int(np.argmax(logits))] >= exact_logits.max() - 0.1
     assert not np.array_equal(logits, exact_logits)  # it really went through the lossy format
 
 

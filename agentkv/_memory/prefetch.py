@@ -3,13 +3,13 @@
 :class:`Prefetcher` runs in the background. ``request(agent_id)`` returns at once; once a
 returning agent has its first token (the writer's pacing), one thread asks the kernel to read
 the agent's payloads ahead, so that the disk reads them into the page cache while the turn
-decodes; a second thread, in Linux's idle scheduling class (its CPU is only what the decode leaves, and
-all of it once the turn ends or a restore waits for it), reads them into one blob, checks it
-as a restore does and keeps it, within what the RAM budget leaves free. The agent's next activation takes it
-(:meth:`take`, waiting for a read in flight) instead of reading the disk inside its time to
-first token. A prefetched state is only used if it is the agent's newest (its version is the
-one this process holds); anything that fails is dropped quietly, and the turn reads the disk
-as it would have (where damage is handled).
+decodes; a second thread, in Linux's idle scheduling class (its CPU is only what the decode
+leaves, and all of it once the turn ends or a restore waits for it), reads them into one
+blob, checks it as a restore does and keeps it, within what the RAM budget leaves free. The
+agent's next activation takes it (:meth:`take`, waiting for a read in flight) instead of
+reading the disk inside its time to first token. A prefetched state is only used if it is the
+agent's newest (its version is the one this process holds); anything that fails is dropped
+quietly, and the turn reads the disk as it would have (where damage is handled).
 
 :class:`NextAgent` predicts whom to prefetch: the agent that followed the current one the
 last time it ran (round-robin teams and fixed chains such as planner -> coder -> critic).
@@ -21,7 +21,6 @@ import logging
 import os
 import queue
 import threading
-import time
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
