@@ -82,7 +82,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from llama_cpp import Llama
 
@@ -112,20 +112,26 @@ def user_message(i: int, r: int) -> str:
             f"number the items, and flag anything that needs a second opinion. Assistant:")
 
 
-def ttft_and_decode(chunks) -> Dict[str, float]:
-    """TTFT and decode speed of a stream, timed from before the call that made ``chunks``."""
+def ttft_and_decode(chunks, on_first: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """TTFT and decode speed of a stream, timed from before the call that made ``chunks``;
+    ``on_first`` runs as the first token arrives (after it is timed)."""
     t0 = time.perf_counter()
     first: Optional[float] = None
+    last = t0
     n = 0
     for _ in chunks:
+        last = time.perf_counter()
         n += 1
         if first is None:
-            first = time.perf_counter()
+            first = last
+            if on_first is not None:
+                on_first()
     end = time.perf_counter()
     if first is None:
         raise RuntimeError("the stream produced no token")
     return {"ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first) if n > 1 else 0.0,
-            "generated": n, "after_first_s": end - first}
+            "generated": n, "after_first_s": end - first, "decode_s": last - first,
+            "end_of_turn_s": end - last}
 
 
 def ram_budget_for(llm: Llama, tokens: List[int], slots: int, block_tokens: int) -> int:

@@ -28,36 +28,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchutil as bu  # noqa: E402
-from agent_memory_bench import context_text, user_message  # noqa: E402
+from agent_memory_bench import context_text, ttft_and_decode, user_message  # noqa: E402
 
 from agentkv import AgentMemory  # noqa: E402
-
-
-def timed_turn(mem: AgentMemory, agent_id: str, prompt: List[int], max_tokens: int,
-               prefetch: Optional[str]) -> Dict[str, float]:
-    """One streamed turn; ``prefetch``: the agent whose read is asked at the first token."""
-    t0 = time.perf_counter()
-    first = None
-    n = 0
-    last = t0
-    for _ in mem.create_completion(agent_id, prompt, max_tokens=max_tokens, temperature=0,
-                                   stream=True):
-        last = time.perf_counter()
-        n += 1
-        if first is None:
-            first = time.perf_counter()
-            if prefetch is not None:
-                mem.prefetch(prefetch)
-    end = time.perf_counter()
-    if first is None:
-        raise RuntimeError("the turn produced no token")
-    return {"ttft_s": first - t0, "after_first_s": end - first, "decode_s": last - first,
-            "end_of_turn_s": end - last, "generated": n}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -101,8 +78,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bu.drop_page_cache(cache_dir, keep_open=True)  # untimed
                     prompt = history["host"] + llm.tokenize(user_message(0, 2 * p + with_prefetch)
                                                             .encode(), add_bos=False)[:32]
-                    m = timed_turn(mem, "host", prompt, args.max_tokens,
-                                   guest if with_prefetch else None)
+                    m = ttft_and_decode(  # the read is asked as the first token arrives
+                        mem.create_completion("host", prompt, max_tokens=args.max_tokens,
+                                              temperature=0, stream=True),
+                        on_first=(lambda: mem.prefetch(guest)) if with_prefetch else None)
                     history["host"] = [int(t) for t in llm.input_ids[: llm.n_tokens]]
                     if with_prefetch:  # the read is over before the other turn of the pair
                         held = mem.inspect().prefetched(guest)
