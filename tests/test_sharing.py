@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agentkv import AgentMemory
-from conftest import last_logits
+from conftest import last_logits, make_llm
 
 # ~1,100 tokens shared by every agent: the cut lands at 1,024, past the 512-token SWA window.
 SHARED = "Team rules. " + " ".join(
@@ -138,6 +138,30 @@ def test_two_processes_share_one_cache_dir(llm, tmp_path):
                 assert mem.last_turn.source == "disk"
         assert mem.stats().rejected == 0
         assert mem.inspect().garbage()[0] == 0  # nothing unreferenced was left behind
+
+
+def test_a_block_another_store_stopped_holding_is_collected(llm, tmp_path):
+    """Two stores on one folder (as two processes): the second drops its hold on blocks both
+    held, after the first last looked at the disk; the first's drop must see that, not its
+    stale index, and collect them (CI once left a block behind in the two-process test)."""
+    other = make_llm()  # the same settings: the same fingerprint
+    prompt = f"{SHARED[:1500]} Agent {{}}, turn 0: go"
+    with AgentMemory(llm, cache_dir=tmp_path, ram_budget=0, block_tokens=64) as a, \
+            AgentMemory(other, cache_dir=tmp_path, ram_budget=0, block_tokens=64) as b:
+        a.create_completion("a-0", prompt.format("a-0"), max_tokens=1, temperature=0)
+        a.flush()
+        b.create_completion("b-0", prompt.format("b-0"), max_tokens=1, temperature=0)
+        b.flush()
+        a.create_completion("a-1", prompt.format("a-1"), max_tokens=1, temperature=0)
+        a.flush()  # a's index now has b-0's record
+        held = set(a.inspect().record("b-0").keys()) & set(a.inspect().record("a-0").keys())
+        assert held  # the shared prompt's blocks: one copy, held by both
+        b.forget("b-0")
+        a.forget("a-0")
+        a.forget("a-1")
+        assert a.inspect().garbage() == (0, 0)
+        assert not any(a.inspect().holds_payload(k) for k in held)
+        assert {r.agent_id for r in b.agents()} == set()
 
 
 def test_a_process_killed_mid_save_leaves_nothing_half_written(llm, tmp_path):

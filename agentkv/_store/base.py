@@ -26,6 +26,12 @@ from .index import RecordIndex
 from .keys import Overlay, agent_key, file_identity, overlaid, record_key
 from .records import Record
 
+# A row every change to the records rewrites (under the write lock): another process's index
+# is stale when it differs from the stamp that index last saw. The count of rows alone cannot
+# tell, since a save that replaces a tail and writes no new block leaves it unchanged.
+RECORDS_STAMP = "meta/records"
+_UNREADABLE = object()  # equal to no stamp: an unreadable stamp row means "rescan"
+
 __all__ = ["StoreBase"]
 
 log = logging.getLogger("agentkv._store.disk")
@@ -83,7 +89,7 @@ class StoreBase:
         self._write_lock = StoreLock(self._cache, str(self.directory))  # across processes
         with self._lock:
             self._index = RecordIndex()  # records on disk and the payloads they hold
-            self._seen_len = -1
+            self._seen_len, self._seen_stamp = -1, _UNREADABLE
             self._refresh(force=True)
 
     def _new_cache(self) -> diskcache.Cache:
@@ -157,6 +163,7 @@ class StoreBase:
                     continue
             log.warning("dropping the damaged record %s", key)
             self._cache.delete(key)
+            self._records_changed()
 
     def _collect_unheld(self) -> int:
         """Delete every payload no record holds, the write lock held (writes.py)."""
@@ -182,10 +189,12 @@ class StoreBase:
             found[key] = r
         return found
 
-    def _refresh(self, force: bool = False) -> None:
-        """Bring the index in step with the disk (records of other processes included)."""
-        n = len(self._cache)
-        if not force and n == self._seen_len:
+    def _refresh(self, force: bool = False, stamp_only: bool = False) -> None:
+        """Bring the index in step with the disk (records of other processes included).
+        ``stamp_only``: trust the records' stamp alone, not the count of rows too (for a
+        writer, whose own payloads changed the count; agentkv 0.4.0 and older do not stamp)."""
+        n, stamp = len(self._cache), self._records_stamp()
+        if not force and stamp == self._seen_stamp and (stamp_only or n == self._seen_len):
             return
         on_disk = self._scan()
         for key in [k for k in self._index.records if k not in on_disk]:
@@ -197,7 +206,20 @@ class StoreBase:
                     r.last_used = max(r.last_used, old.last_used)
                     self._index.remove(key)
                 self._index.add(key, r, self._payload_size)
-        self._seen_len = len(self._cache)
+        self._seen_len, self._seen_stamp = len(self._cache), stamp
+
+    def _records_stamp(self) -> object:
+        try:
+            return self._cache.get(RECORDS_STAMP)
+        except Exception:  # noqa: BLE001 - a damaged stamp row: every refresh rescans
+            return _UNREADABLE
+
+    def _records_changed(self) -> None:
+        """After this process changed the records on disk (write lock held, index in step):
+        stamp the change for other processes' indexes, and note the stamp as seen."""
+        stamp = os.urandom(8)
+        self._cache.set(RECORDS_STAMP, stamp)
+        self._seen_len, self._seen_stamp = len(self._cache), stamp
 
     def _payload_size(self, key: str) -> int:
         """Bytes of a stored payload (0 if it is missing or unreadable)."""
@@ -264,21 +286,25 @@ class StoreBase:
     def agents(self) -> List[Tuple[Record, int]]:
         """Agent manifests with the bytes each one's state takes on disk."""
         with self._lock:
+            self._refresh()  # other processes' changes included
             return [(r, self._index.bytes_of(r))
                     for r in self._index.records.values() if r.kind == "agent"]
 
     def has_agent(self, agent_id: str) -> bool:
         with self._lock:
+            self._refresh()  # other processes' changes included
             return agent_key(agent_id) in self._index.records
 
     def manifest(self, agent_id: str) -> Optional[Record]:
         """The agent's manifest as indexed (None if not stored)."""
         with self._lock:
+            self._refresh()  # other processes' changes included
             return self._index.records.get(agent_key(agent_id))
 
     def cuts(self) -> List[Record]:
         """The shared prefixes stored."""
         with self._lock:
+            self._refresh()  # other processes' changes included
             return [r for r in self._index.records.values() if r.kind == "cut"]
 
     def missing(self, keys: Iterable[str]) -> List[str]:

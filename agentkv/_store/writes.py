@@ -91,9 +91,10 @@ class StoreWrites(StoreBase):
 
     def _commit(self, key: str, r: Record, sizes: Dict[str, int], keep: str) -> None:
         """Write the record, swap it into the index, collect, and hold the budget.
-        Call with the cross-process write lock held; readers only wait for the index swap."""
-        self._cache.set(key, r.to_bytes())
-        with self._lock:
+        Call with the cross-process write lock held; readers wait for the row and the swap."""
+        with self._lock:  # the index in step first: another process may have changed what
+            self._refresh(stamp_only=True)  # is shared; no reader's refresh between row and swap
+            self._cache.set(key, r.to_bytes())
             freed = self._index.remove(key)
             self._index.add(key, r, lambda k: sizes[k] if k in sizes else self._payload_size(k))
             db = self.db_bytes()
@@ -103,7 +104,7 @@ class StoreWrites(StoreBase):
                 self._cache.delete(victim)
                 freed += self._index.remove(victim)
         self._collect(freed)
-        self._seen_len = len(self._cache)
+        self._records_changed()
 
     def put(self, agent_id: str, snap: Snapshot, fingerprint: bytes,
             pause: Optional[Callable[[], None]] = None, version: Tuple[int, str] = (0, ""),
@@ -219,11 +220,12 @@ class StoreWrites(StoreBase):
         self._check_home()
         with self._write_lock.held():
             with self._lock:
+                self._refresh()
                 known = key in self._index.records or key in self._cache
                 self._cache.delete(key)
                 freed = self._index.remove(key)
             self._collect(freed)
-            self._seen_len = len(self._cache)
+            self._records_changed()
         return known
 
     def collect(self) -> int:
@@ -263,7 +265,7 @@ class StoreWrites(StoreBase):
                     freed += self._index.remove(k)
                 self._cache.delete(payload)
             self._collect(freed)
-            self._seen_len = len(self._cache)
+            self._records_changed()
         log.warning("dropped damaged payload %s and the %d record(s) naming it", payload,
                     len(names))
         return names
@@ -272,10 +274,11 @@ class StoreWrites(StoreBase):
         """Remove a record by its key (an agent's manifest or a cut); payloads as in drop."""
         with self._write_lock.held():
             with self._lock:
+                self._refresh()
                 self._cache.delete(key)
                 freed = self._index.remove(key)
             self._collect(freed)
-            self._seen_len = len(self._cache)
+            self._records_changed()
 
     def sweep(self) -> int:
         """Remove the files of the cache folder no row names and the rows whose file is gone;
