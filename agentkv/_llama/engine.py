@@ -35,6 +35,7 @@ from .._format.buffers import Buffers
 from .._format.snapshot import Snapshot, check_state
 from ..errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
 from .draft import drafted_generate, greedy_refusal
+from .greedy import plain_greedy
 from .hooks import TurnHooks
 from .settings import ADAPTERS, attention_of, compute, settings_of
 
@@ -267,12 +268,14 @@ class Engine:
         if not self._installed:
             self.llm.generate = self._guarded_generate  # type: ignore[method-assign,assignment]
             self.llm.eval = self._tracked_eval  # type: ignore[method-assign]
+            self.llm.sample = self._sample  # type: ignore[method-assign]
             self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:
             self.llm.__dict__.pop("generate", None)
             self.llm.__dict__.pop("eval", None)
+            self.llm.__dict__.pop("sample", None)
             self._installed = False
 
     @property
@@ -297,6 +300,11 @@ class Engine:
             exact = p + (len(tokens) // nb) * nb
         self._exact = exact
         Llama.eval(llm, tokens)
+
+    def _sample(self, *args: Any, **kwargs: Any) -> int:
+        """``Llama.sample``; plain greedy settings as one argmax (agentkv/_llama/greedy.py)."""
+        token = plain_greedy(self.llm, args, kwargs)
+        return Llama.sample(self.llm, *args, **kwargs) if token is None else token
 
     def _rollback_is_exact(self, reuse: int) -> bool:
         """Can the token at position ``reuse`` be evaluated on the KV now in the context?
