@@ -41,6 +41,17 @@ def test_agent_memory_bench_measures_agentkv_naive_and_floor(tmp_path):
             assert row["peer"]["median_ms"] > 0 and row["naive_over_peer"] > 0
 
 
+def test_turn_beside_save_times_both_kinds_of_turn(tmp_path):
+    bench = load("turn_beside_save")
+    out = tmp_path / "beside.json"
+    assert bench.main(["--agents", "2", "--ctx-tokens", "300", "--turns", "4", "--max-tokens", "3",
+                       "--cache-root", str(tmp_path), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [t["beside_save"] for t in doc["turns"]] == [True, False, False, True]
+    assert all(t["source"] == "disk" and t["generated"] >= 3 for t in doc["turns"])
+    assert doc["summary"]["decode_s_ms_beside"] > 0 and doc["summary"]["decode_s_ms_alone"] > 0
+
+
 def test_draft_bench_measures_speed_and_identity(tmp_path):
     bench = load("draft_bench")
     out = tmp_path / "draft.json"

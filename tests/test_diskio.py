@@ -8,7 +8,7 @@ import sys
 import diskcache
 import pytest
 
-from agentkv._store.files import SafeDisk, StoreLock
+from agentkv._store.files import Chunks, SafeDisk, StoreLock
 from agentkv.errors import CorruptEntry
 
 
@@ -71,6 +71,27 @@ def test_safe_disk_stores_bytes_and_refuses_pickles(tmp_path):
     with _cache(tmp_path / "plain") as cache:
         with pytest.raises(CorruptEntry, match="only raw bytes"):
             cache.get("obj")
+
+
+def test_file_sized_values_are_written_whole_not_a_line_at_a_time(tmp_path):
+    """Values of a file's size go through Chunks (one write per buffer, no join); what is
+    read back is the same bytes, empty buffers included, and a small value stays a row."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    parts = [b"head", b"", rng.bytes(100_000), memoryview(rng.bytes(70_000)), b"\n\n", b"tail"]
+    with _cache(tmp_path) as cache:
+        big = b"".join(parts)
+        assert big.count(b"\n") > 500  # diskcache's own path would write it a line at a time
+        cache.set("joined", big)
+        cache.set("chunks", Chunks(parts), read=True)
+        cache.set("small", b"\nrow\n")
+        assert cache.get("joined") == cache.get("chunks") == big
+        assert cache.get("small") == b"\nrow\n"
+        files = {os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp_path)
+                 for f in fs if f.endswith(".val")}
+        assert files == {len(big)}  # two payload files, no file for the small row
+        with pytest.raises(TypeError, match="bytes only"):
+            cache.set("not-chunks", iter(parts), read=True)
 
 
 def test_record_index_counts_a_shared_payload_once_and_frees_it_with_its_last_holder():

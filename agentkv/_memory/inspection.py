@@ -60,8 +60,9 @@ class Inspection:
         return not self._store.missing([key])
 
     def garbage(self) -> Tuple[int, int]:
-        """(payloads no record holds, files no row names): what ``mem.gc()`` would delete."""
-        return len(self._store.unheld_payloads()), len(self._store.stray_files())
+        """(payloads no record holds, files no row names): what ``mem.gc()`` would delete.
+        A save in flight is waited for (its new blocks are unheld until its record lands)."""
+        return self._store.garbage()
 
     # -- RAM and the context --------------------------------------------------------------
 

@@ -106,6 +106,9 @@ class NoDisk:
     def sweep(self) -> int:
         return 0
 
+    def garbage(self) -> Tuple[int, int]:
+        return 0, 0
+
     def unheld_payloads(self) -> List[str]:
         return []
 

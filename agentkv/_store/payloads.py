@@ -129,7 +129,11 @@ class BlockPayload:
         self.nbytes = sum(memoryview(p).nbytes for p in parts) + _DIGEST
 
     def __bytes__(self) -> bytes:
-        return b"".join([*self._parts, self._digest])  # join takes any buffer: one copy
+        return b"".join(self.parts())  # join takes any buffer: one copy
+
+    def parts(self) -> List[Any]:
+        """The payload's buffers in order (its bytes, unjoined)."""
+        return [*self._parts, self._digest]
 
 
 def seal_block(cache: int, stream: int, pos0: int, count: int, cells_len: int,

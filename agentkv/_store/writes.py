@@ -16,6 +16,7 @@ from .._format.image import RestoreImage
 from .._format.snapshot import Snapshot, StoredPieces
 from .atrest import to_rest
 from .base import StoreBase
+from .files import Chunks
 from .keys import agent_key
 from .records import Record
 from .payloads import BlockPayload, Tail, blocks_digest, chain_keys, encode_tail, seal_block
@@ -81,10 +82,13 @@ class StoreWrites(StoreBase):
                     sink[key] = payload
                 if key not in self._cache:
                     pause()
-                    data = bytes(payload)
-                    self._cache.set(key, data)
-                    if sink is not None:
-                        sink[key] = data  # joined once, for the shared tier too
+                    if sink is None and payload.nbytes >= self._cache.disk.min_file_size:
+                        self._cache.set(key, Chunks(payload.parts()), read=True)  # no join
+                    else:
+                        data = bytes(payload)
+                        self._cache.set(key, data)
+                        if sink is not None:
+                            sink[key] = data  # joined once, for the shared tier too
                     wrote.append(key)
                     written += payload.nbytes
         return written
@@ -242,6 +246,14 @@ class StoreWrites(StoreBase):
         for key in gone:
             self._cache.delete(key)
         return len(gone)
+
+    def garbage(self) -> Tuple[int, int]:
+        """(payloads no record holds, files no row names), counted under the write lock: a
+        save in flight (its blocks written, its record not yet) is waited for, not counted."""
+        with self._write_lock.held():
+            with self._lock:
+                self._refresh(force=True)
+            return len(self.unheld_payloads()), len(self.stray_files())
 
     def unheld_payloads(self) -> List[str]:
         """Keys of the payloads no record on disk holds (what :meth:`collect` deletes)."""
