@@ -16,6 +16,7 @@ that pairing and goes into every fingerprint.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -34,8 +35,8 @@ from .._format import layout
 from .._format.buffers import Buffers
 from .._format.snapshot import Snapshot, check_state
 from ..errors import CorruptEntry, NotALlama, RestoreFailed, UnsupportedLlamaCpp
+from . import greedy
 from .draft import drafted_generate, greedy_refusal
-from .greedy import plain_greedy
 from .hooks import TurnHooks
 from .settings import ADAPTERS, attention_of, compute, settings_of
 
@@ -264,11 +265,12 @@ class Engine:
 
     def install(self) -> None:
         """Route the Llama's ``generate`` through the guard, and its ``eval`` through the
-        batch bookkeeping of :attr:`cold_exact` (instance attributes)."""
+        batch bookkeeping of :attr:`cold_exact`, and its ``sample`` through greedy.py's argmax
+        (instance attributes)."""
         if not self._installed:
             self.llm.generate = self._guarded_generate  # type: ignore[method-assign,assignment]
             self.llm.eval = self._tracked_eval  # type: ignore[method-assign]
-            self.llm.sample = self._sample  # type: ignore[method-assign]
+            self.llm.sample = functools.partial(greedy.sample, self.llm)  # type: ignore
             self._installed = True
 
     def uninstall(self) -> None:
@@ -300,11 +302,6 @@ class Engine:
             exact = p + (len(tokens) // nb) * nb
         self._exact = exact
         Llama.eval(llm, tokens)
-
-    def _sample(self, *args: Any, **kwargs: Any) -> int:
-        """``Llama.sample``; plain greedy settings as one argmax (agentkv/_llama/greedy.py)."""
-        token = plain_greedy(self.llm, args, kwargs)
-        return Llama.sample(self.llm, *args, **kwargs) if token is None else token
 
     def _rollback_is_exact(self, reuse: int) -> bool:
         """Can the token at position ``reuse`` be evaluated on the KV now in the context?

@@ -20,8 +20,9 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 import llama_cpp
+from llama_cpp import Llama
 
-__all__ = ["plain_greedy"]
+__all__ = ["plain_greedy", "sample"]
 
 _NEUTRAL = {"repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
@@ -41,3 +42,10 @@ def plain_greedy(llm: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optio
     row = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
     token = int(row.argmax())
     return None if np.isnan(row[token]) else token
+
+
+def sample(llm: Any, *args: Any, **kwargs: Any) -> int:
+    """``llm.sample(*args, **kwargs)`` (a wrapped Llama's): plain greedy settings as one argmax,
+    anything else by llama.cpp's sampler chain."""
+    token = plain_greedy(llm, args, kwargs)
+    return Llama.sample(llm, *args, **kwargs) if token is None else token

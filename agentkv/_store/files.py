@@ -31,8 +31,13 @@ class Chunks:
     (up to the 5 ms switch interval per token)."""
 
     def __init__(self, parts: Sequence[Any]) -> None:
-        views = (memoryview(p).cast("B") for p in parts)
-        self._parts = iter([v for v in views if v.nbytes])  # an empty one would read as EOF
+        views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+        self.nbytes = sum(v.nbytes for v in views)
+        self._views = views
+        self._parts = iter(views)  # an empty one would read as EOF: left out
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self._views)
 
     def read(self, size: int = -1) -> Any:
         return next(self._parts, b"")
@@ -52,7 +57,9 @@ class SafeDisk(diskcache.Disk):
         return super().get(key, raw)
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):
-        if read and isinstance(value, Chunks):
+        if read and isinstance(value, Chunks):  # a small one is a row, as bytes would be
+            if value.nbytes < self.min_file_size:
+                return super().store(bytes(value), False, key)
             return super().store(value, True, key)
         if type(value) is not bytes:
             raise TypeError(f"SafeDisk stores bytes only, not {type(value).__name__}")

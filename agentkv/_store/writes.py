@@ -82,7 +82,7 @@ class StoreWrites(StoreBase):
                     sink[key] = payload
                 if key not in self._cache:
                     pause()
-                    if sink is None and payload.nbytes >= self._cache.disk.min_file_size:
+                    if sink is None:
                         self._cache.set(key, Chunks(payload.parts()), read=True)  # no join
                     else:
                         data = bytes(payload)
